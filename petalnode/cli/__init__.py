@@ -1,0 +1,5 @@
+"""The `petalnode` command."""
+
+from petalnode.cli._main import main
+
+__all__ = ["main"]

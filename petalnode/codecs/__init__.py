@@ -1,0 +1,1 @@
+"""petalnode.codecs."""

@@ -1,0 +1,161 @@
+"""One exception tree for the whole package.
+
+Every error petalnode raises on purpose derives from `PetalnodeError`, so a program embedding the library can
+catch one type. Errors that may cross the wire carry a stable string `code`; the RPC layer sends the code and
+message, and the receiving side rebuilds the same class with `error_from_code` (the message is untrusted text
+and is only ever displayed, never evaluated).
+
+    PetalnodeError
+    ├── ConfigError                      bad user input (sizes, model ids, flags)
+    │   └── ModelNotFoundError           a model id / path that is not available locally
+    ├── CodecError                       malformed bytes, schema violation, size limit exceeded
+    ├── ProtocolError
+    │   ├── LocalProtocolError           we were about to break the protocol
+    │   └── RemoteProtocolError          the peer broke it
+    ├── TransportError
+    │   ├── ConnectTimeoutError          per-phase timeouts
+    │   ├── HandshakeError               identity proof failed
+    │   │   └── PeerIdMismatchError      the peer is not the one the address names
+    │   └── ConnectionClosedError        the other side vanished
+    ├── ClosedResourceError              used after aclose()
+    ├── InvalidStateError                wrong call for the current state
+    ├── DHTError
+    │   └── InvalidRecordError           forged, tampered, expired or malformed record
+    ├── ComputeError
+    │   └── ShapeError                   a tensor of the wrong shape or dtype for the blocks
+    └── RemoteError                      typed errors that travel back to an RPC caller
+        ├── BusyError
+        ├── OutOfCacheMemoryError        the KV-cache budget is exhausted (also raised locally)
+        ├── UnknownSessionError
+        ├── BadRequestError
+        ├── RPCTimeoutError
+        └── InternalError
+"""
+
+from __future__ import annotations
+
+
+class PetalnodeError(Exception):
+    """Base of every error petalnode raises on purpose."""
+
+
+class ConfigError(PetalnodeError):
+    """A setting or argument given by the user makes no sense."""
+
+
+class ModelNotFoundError(ConfigError):
+    """The model id or path is not available on this machine (nothing is downloaded implicitly)."""
+
+
+class CodecError(PetalnodeError):
+    """Bytes that do not decode to a valid message or tensor under the configured limits."""
+
+
+class ProtocolError(PetalnodeError):
+    """A protocol rule was broken."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We were about to violate the protocol; a bug on our side or a misuse of the API."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer violated the protocol."""
+
+
+class TransportError(PetalnodeError):
+    """A connection could not be made or was lost."""
+
+
+class ConnectTimeoutError(TransportError):
+    """Connecting (or the handshake) took longer than the connect timeout."""
+
+
+class HandshakeError(TransportError):
+    """The peer failed to prove its identity or the handshake was malformed."""
+
+
+class PeerIdMismatchError(HandshakeError):
+    """The peer proved an identity, but not the one the dialled address names."""
+
+
+class ConnectionClosedError(TransportError):
+    """The connection was closed or the peer vanished."""
+
+
+class ClosedResourceError(PetalnodeError):
+    """The object was used after `aclose()`."""
+
+
+class InvalidStateError(PetalnodeError):
+    """The call is not allowed in the object's current state."""
+
+
+class DHTError(PetalnodeError):
+    """A DHT operation failed."""
+
+
+class InvalidRecordError(DHTError):
+    """A DHT record is forged, tampered with, expired, replayed or malformed."""
+
+
+class ComputeError(PetalnodeError):
+    """The compute module could not run the request."""
+
+
+class ShapeError(ComputeError):
+    """A tensor has the wrong shape or dtype for the hosted blocks."""
+
+
+class RemoteError(PetalnodeError):
+    """An error that travels to the caller of an RPC as a code and a message."""
+
+    code: str = "internal"
+
+
+class BusyError(RemoteError):
+    """The server cannot take more work now; try another server."""
+
+    code = "busy"
+
+
+class OutOfCacheMemoryError(RemoteError):
+    """Allocating the requested KV cache would exceed the server's cache budget."""
+
+    code = "out_of_cache_memory"
+
+
+class UnknownSessionError(RemoteError):
+    """The session id is not (or no longer) known to the server."""
+
+    code = "unknown_session"
+
+
+class BadRequestError(RemoteError):
+    """The request was well-formed bytes but asked for something invalid."""
+
+    code = "bad_request"
+
+
+class RPCTimeoutError(RemoteError):
+    """The call did not complete within its timeout."""
+
+    code = "timeout"
+
+
+class InternalError(RemoteError):
+    """The server failed while handling a valid request."""
+
+    code = "internal"
+
+
+_REMOTE_ERRORS: dict[str, type[RemoteError]] = {
+    cls.code: cls
+    for cls in (BusyError, OutOfCacheMemoryError, UnknownSessionError, BadRequestError, RPCTimeoutError, InternalError)
+}
+
+
+def error_from_code(code: str, message: str) -> RemoteError:
+    """Rebuild a typed error from the code and message a peer sent; unknown codes become `InternalError`."""
+    cls = _REMOTE_ERRORS.get(code, InternalError)
+    return cls(message)
