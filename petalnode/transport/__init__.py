@@ -1,1 +1,27 @@
-"""petalnode.transport."""
+"""petalnode.transport: pluggable transports (TCP, in-memory) behind one interface, and RPC on top."""
+
+from petalnode.transport._base import (
+    CONNECT_TIMEOUT_S,
+    Connection,
+    ConnectionHandler,
+    EndOfStreamError,
+    Listener,
+    Stream,
+    StreamConfig,
+    Transport,
+)
+from petalnode.transport._memory import LinkConfig, MemoryDatagramTransport, MemoryNetwork
+
+__all__ = [
+    "CONNECT_TIMEOUT_S",
+    "Connection",
+    "ConnectionHandler",
+    "EndOfStreamError",
+    "LinkConfig",
+    "Listener",
+    "MemoryDatagramTransport",
+    "MemoryNetwork",
+    "Stream",
+    "StreamConfig",
+    "Transport",
+]
