@@ -1,0 +1,62 @@
+"""The contract between the compute runtime and a model family.
+
+The runtime never touches family-specific classes: it asks the family's adapter which checkpoint tensors belong
+to block i or to the client head, to build a span of blocks from those tensors, and to run the span with a cache.
+Adding a family (e.g. Falcon, BLOOM) means one new module in `compute/models/` and one registry line.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from petalnode.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+    from transformers.cache_utils import Cache
+
+
+class BlockSpanModule(Protocol):
+    """Blocks [start, end) of a model, with local layer indices 0..end-start-1."""
+
+    def forward_span(
+        self, hidden_states: torch.Tensor, cache: Cache | None, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """hidden_states: [batch, seq, hidden]; position_ids: [1 or batch, seq]; returns [batch, seq, hidden]."""
+        ...
+
+    def new_cache(self) -> Cache: ...
+
+
+class ClientHeadModule(Protocol):
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor: ...
+
+
+class FamilyAdapter(Protocol):
+    model_types: frozenset[str]
+
+    def num_blocks(self, config: PretrainedConfig) -> int: ...
+    def is_block_tensor(self, name: str, start: int, end: int) -> bool: ...
+    def is_client_tensor(self, name: str, config: PretrainedConfig) -> bool: ...
+    def build_span(
+        self, config: PretrainedConfig, start: int, end: int, weights: dict[str, torch.Tensor]
+    ) -> torch.nn.Module: ...
+    def build_client_head(
+        self, config: PretrainedConfig, weights: dict[str, torch.Tensor]
+    ) -> torch.nn.Module: ...
+    def kv_bytes_per_token_per_block(self, config: PretrainedConfig, dtype: torch.dtype) -> int: ...
+
+
+def adapter_for(config: PretrainedConfig) -> FamilyAdapter:
+    """The adapter serving `config.model_type`, or a clear error naming the supported families."""
+    from petalnode.compute.models.llama import LLAMA_FAMILY
+
+    for adapter in (LLAMA_FAMILY,):
+        if config.model_type in adapter.model_types:
+            return adapter
+    raise ConfigError(
+        f"model type {config.model_type!r} is not supported yet; supported: {sorted(LLAMA_FAMILY.model_types)}"
+    )
