@@ -1,1 +1,15 @@
-"""petalnode.dht."""
+"""petalnode.dht: a hardened Kademlia DHT (the `kademlia` package, subclassed) with signed per-writer records."""
+
+from petalnode.dht._node import DHTNode, NodeState, RefreshHandle
+from petalnode.dht._record import MAX_CLOCK_SKEW_S, MAX_RECORD_TTL_S, MAX_VALUE_BYTES, Record, dht_key
+
+__all__ = [
+    "MAX_CLOCK_SKEW_S",
+    "MAX_RECORD_TTL_S",
+    "MAX_VALUE_BYTES",
+    "DHTNode",
+    "NodeState",
+    "Record",
+    "RefreshHandle",
+    "dht_key",
+]

@@ -1,0 +1,374 @@
+# DHTNode: the thin async facade over a hardened `kademlia.network.Server`.
+#
+# Invariants:
+# - The node id is the identity's peer id; every record it writes is signed by that identity under its own
+#   subkey, with seq strictly increasing for the life of the process (and across restarts, since it starts at
+#   the wall clock in milliseconds).
+# - The node owns every task it starts (maintenance, bucket refresh, record refreshers, the protocol's pings and
+#   handoffs) and `aclose()` cancels and awaits all of them. kademlia's own hourly `refresh_table` loop (which
+#   re-publishes other peers' records forever) is never started.
+# - Record expiry uses the injected `wall_clock` (absolute time crosses machines); everything else uses the
+#   event loop's clock, so a virtual-time loop drives the whole node.
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+from kademlia.crawling import NodeSpiderCrawl
+from kademlia.network import Server
+from kademlia.node import Node
+
+from petalnode.dht._crawling import RecordSpiderCrawl
+from petalnode.dht._protocol import RPC_TIMEOUT_S, HardenedProtocol
+from petalnode.dht._record import MAX_CLOCK_SKEW_S, MAX_RECORD_TTL_S, MAX_VALUE_BYTES, Record, dht_key
+from petalnode.dht._storage import RecordStorage
+from petalnode.errors import ClosedResourceError, ConfigError, DHTError, InvalidStateError
+from petalnode.identity import Identity, PeerId
+
+log = logging.getLogger(__name__)
+
+# Petals expires announcements after about 2x their update period; we refresh every ttl/2.
+RECORD_TTL_S = 300.0
+# A lookup is ~log2(N)/alpha rounds of one RPC each, plus RPC timeouts for dead contacts; 20 s bounds it.
+LOOKUP_TIMEOUT_S = 20.0
+BOOTSTRAP_TIMEOUT_S = 20.0
+CULL_INTERVAL_S = 60.0
+# Kademlia paper section 2.3 refreshes idle buckets hourly; we check every 10 minutes (cheap when none are idle).
+BUCKET_REFRESH_INTERVAL_S = 600.0
+# Concurrent lookups in store_many / get_many: each is ~alpha datagrams in flight.
+MAX_CONCURRENT_LOOKUPS = 8
+KSIZE = 20
+ALPHA = 3
+
+EndpointFactory = Callable[..., Awaitable[tuple[asyncio.DatagramTransport, asyncio.DatagramProtocol]]]
+Address = tuple[str, int]
+
+
+class NodeState(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+class _KademliaServer(Server):
+    """`kademlia.network.Server` with our protocol, an injectable datagram endpoint and no self-run loops."""
+
+    protocol_class = HardenedProtocol
+
+    def __init__(self, *, node_id: bytes, storage: RecordStorage, ksize: int, alpha: int,
+                 protocol_kwargs: dict[str, Any]) -> None:
+        super().__init__(ksize=ksize, alpha=alpha, node_id=node_id, storage=storage)
+        # Server does `storage or ForgetfulStorage()`, and an empty RecordStorage is falsy (it has __len__).
+        self.storage = storage
+        self._protocol_kwargs = protocol_kwargs
+
+    def _create_protocol(self) -> HardenedProtocol:
+        return self.protocol_class(
+            self.node, self.storage, self.ksize, clock=asyncio.get_running_loop().time, **self._protocol_kwargs
+        )
+
+    async def listen_on(self, endpoint_factory: EndpointFactory, local_addr: Address) -> None:
+        self.transport, self.protocol = await endpoint_factory(self._create_protocol, local_addr=local_addr)
+
+    def refresh_table(self, interval: float = 3600) -> None:
+        """Never self-scheduled: DHTNode runs bucket refresh in a task it owns."""
+
+    async def bootstrap_node(self, addr: Address) -> Node | None:
+        node_id = await self.protocol.ping_address(addr)
+        return Node(node_id, addr[0], addr[1]) if node_id is not None else None
+
+
+class RefreshHandle:
+    """A running periodic re-announcement; `cancel()` stops it (the records then expire on their own)."""
+
+    def __init__(self, task: asyncio.Task[None], owner: set[asyncio.Task[None]]) -> None:
+        self._task = task
+        self._owner = owner
+
+    def cancel(self) -> None:
+        self._task.cancel()
+        self._owner.discard(self._task)
+
+    @property
+    def done(self) -> bool:
+        return self._task.done()
+
+
+class DHTNode:
+    """One Kademlia node with signed per-writer records.
+
+    Use as `node = DHTNode(identity); await node.start(listen=..., bootstrap=[...])` then `await node.aclose()`,
+    or `async with DHTNode(identity) as node:` (starts with defaults: loopback, port 0, no bootstrap).
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        endpoint_factory: EndpointFactory | None = None,
+        client_mode: bool = False,
+        rpc_timeout_s: float = RPC_TIMEOUT_S,
+        record_ttl_s: float = RECORD_TTL_S,
+        lookup_timeout_s: float = LOOKUP_TIMEOUT_S,
+        wall_clock: Callable[[], float] = time.time,
+        ksize: int = KSIZE,
+        alpha: int = ALPHA,
+        max_record_ttl_s: float = MAX_RECORD_TTL_S,
+        max_clock_skew_s: float = MAX_CLOCK_SKEW_S,
+    ) -> None:
+        if not 0 < record_ttl_s <= max_record_ttl_s:
+            raise ConfigError(f"record_ttl_s must be in (0, {max_record_ttl_s}], got {record_ttl_s}")
+        if rpc_timeout_s <= 0:
+            raise ConfigError(f"rpc_timeout_s must be positive, got {rpc_timeout_s}")
+        self.identity = identity
+        self.client_mode = client_mode
+        self.record_ttl_s = record_ttl_s
+        self.lookup_timeout_s = lookup_timeout_s
+        self._endpoint_factory = endpoint_factory
+        self._wall_clock = wall_clock
+        self._max_ttl_s = max_record_ttl_s
+        self._skew_s = max_clock_skew_s
+        self.storage = RecordStorage(wall_clock, max_ttl_s=max_record_ttl_s, skew_s=max_clock_skew_s)
+        self._server = _KademliaServer(
+            node_id=identity.peer_id.raw, storage=self.storage, ksize=ksize, alpha=alpha,
+            protocol_kwargs={"rpc_timeout_s": rpc_timeout_s, "client_mode": client_mode},
+        )
+        self._state = NodeState.NEW
+        self._seq = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._port: int | None = None
+        self._limit = asyncio.Semaphore(MAX_CONCURRENT_LOOKUPS)
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+    @property
+    def state(self) -> NodeState:
+        return self._state
+
+    @property
+    def peer_id(self) -> PeerId:
+        return self.identity.peer_id
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise InvalidStateError(f'DHT node has no port in state "{self._state.value}"')
+        return self._port
+
+    @property
+    def protocol(self) -> HardenedProtocol:
+        """The RPC protocol (for diagnostics and tests: routing table, drop counters)."""
+        if self._server.protocol is None:
+            raise InvalidStateError(f'DHT node has no protocol in state "{self._state.value}"')
+        return self._server.protocol
+
+    async def start(self, listen: Address = ("127.0.0.1", 0), bootstrap: Sequence[Address] = ()) -> None:
+        """Open the datagram endpoint, join through `bootstrap` and start background upkeep.
+
+        Raises:
+            InvalidStateError: already started. ClosedResourceError: already closed.
+            DHTError: bootstrap addresses were given but none answered.
+        """
+        if self._state is NodeState.CLOSED:
+            raise ClosedResourceError("DHT node is closed")
+        if self._state is not NodeState.NEW:
+            raise InvalidStateError(f'cannot start a DHT node in state "{self._state.value}"')
+        self._state = NodeState.RUNNING
+        try:
+            factory = self._endpoint_factory or asyncio.get_running_loop().create_datagram_endpoint
+            await self._server.listen_on(factory, listen)
+            sockname = self._server.transport.get_extra_info("sockname")
+            self._port = int(sockname[1]) if sockname else int(listen[1])
+            self._spawn(self._maintain())
+            if bootstrap:
+                await self.bootstrap(bootstrap)
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def bootstrap(self, addresses: Iterable[Address]) -> int:
+        """Join (or re-join) the network through `addresses`; returns how many nodes we now know."""
+        self._check_running()
+        addrs = [(str(h), int(p)) for h, p in addresses]
+        try:
+            async with asyncio.timeout(BOOTSTRAP_TIMEOUT_S):
+                await self._server.bootstrap(addrs)
+        except TimeoutError:
+            log.warning("DHT bootstrap through %s timed out after %.0f s", addrs, BOOTSTRAP_TIMEOUT_S)
+        known = len(self.protocol.router.contacts())
+        if addrs and known == 0:
+            raise DHTError(f"no DHT bootstrap node answered: {addrs}")
+        return known
+
+    async def aclose(self) -> None:
+        """Stop serving and cancel every owned task. Idempotent."""
+        if self._state is NodeState.CLOSED:
+            return
+        self._state = NodeState.CLOSED
+        tasks = list(self._tasks)
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server.protocol is not None:
+            await self._server.protocol.aclose()
+        self._server.stop()
+
+    async def __aenter__(self) -> DHTNode:
+        if self._state is NodeState.NEW:
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def _check_running(self) -> None:
+        if self._state is NodeState.CLOSED:
+            raise ClosedResourceError("DHT node is closed")
+        if self._state is not NodeState.RUNNING:
+            raise InvalidStateError(f'DHT node must be started, state is "{self._state.value}"')
+
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _maintain(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_bucket_refresh = loop.time() + BUCKET_REFRESH_INTERVAL_S
+        while True:
+            await asyncio.sleep(CULL_INTERVAL_S)
+            self.storage.cull()
+            if loop.time() >= next_bucket_refresh:
+                next_bucket_refresh = loop.time() + BUCKET_REFRESH_INTERVAL_S
+                try:
+                    async with asyncio.timeout(LOOKUP_TIMEOUT_S * 3):
+                        await self._server._refresh_table()
+                except (TimeoutError, DHTError) as e:
+                    log.warning("DHT bucket refresh failed: %s", e)
+
+    # -- records --------------------------------------------------------------------------------------------------
+    def _verify(self, record: Record) -> None:
+        record.verify(self._wall_clock(), max_ttl_s=self._max_ttl_s, skew_s=self._skew_s)
+
+    def _sign(self, key: str, value: bytes, ttl_s: float | None) -> Record:
+        ttl = self.record_ttl_s if ttl_s is None else ttl_s
+        if not 0 < ttl <= self._max_ttl_s:
+            raise ConfigError(f"ttl_s must be in (0, {self._max_ttl_s}], got {ttl}")
+        if not isinstance(value, bytes) or len(value) > MAX_VALUE_BYTES:
+            raise ConfigError(f"a DHT value is bytes of at most {MAX_VALUE_BYTES}")
+        now = self._wall_clock()
+        self._seq = max(self._seq + 1, int(now * 1000))
+        return Record.create(self.identity, key=dht_key(key), value=value, expires_at=now + ttl, seq=self._seq)
+
+    async def store(self, key: str, value: bytes, ttl_s: float | None = None) -> int:
+        """Sign `value` as our subkey under `key` and store it on the k nodes closest to the key.
+
+        Returns:
+            How many nodes accepted it (ourselves included when we are among the closest).
+        Raises:
+            ConfigError: value too large or ttl out of range. ClosedResourceError / InvalidStateError.
+        """
+        self._check_running()
+        return await self._store_record(self._sign(key, value, ttl_s))
+
+    async def store_many(self, keys: Iterable[str], value: bytes, ttl_s: float | None = None) -> dict[str, int]:
+        """Store the same value under many keys (a server announcing its block range) concurrently."""
+        self._check_running()
+        records = {key: self._sign(key, value, ttl_s) for key in keys}
+        counts = await asyncio.gather(*(self._store_record(r) for r in records.values()))
+        return dict(zip(records, counts, strict=True))
+
+    async def _store_record(self, record: Record) -> int:
+        async with self._limit:
+            keynode = Node(record.key)
+            accepted = 0
+            nearest = self.protocol.router.find_neighbors(keynode)
+            nodes: list[Node] = []
+            if nearest:
+                crawl = NodeSpiderCrawl(self.protocol, keynode, nearest, self._server.ksize, self._server.alpha)
+                try:
+                    async with asyncio.timeout(self.lookup_timeout_s):
+                        nodes = await crawl.find()
+                except TimeoutError:
+                    nodes = list(crawl.nearest)
+                    log.warning("DHT store lookup timed out; storing on the %d nodes found", len(nodes))
+            if not self.client_mode and (
+                len(nodes) < self._server.ksize
+                or self._server.node.distance_to(keynode) < max(n.distance_to(keynode) for n in nodes)
+            ):
+                with contextlib.suppress(DHTError):
+                    accepted += self.storage.put(record)
+            results = await asyncio.gather(*(self.protocol.call_store(n, record.key, [record]) for n in nodes))
+            accepted += sum(1 for ok, body in results if ok and body[0])
+            return accepted
+
+    async def get(self, key: str) -> dict[PeerId, Record]:
+        """Every live, verified record under `key` from the k closest nodes, one per writer.
+
+        A lookup that runs past `lookup_timeout_s` returns what it found so far.
+        """
+        self._check_running()
+        async with self._limit:
+            return await self._get(dht_key(key))
+
+    async def get_many(self, keys: Iterable[str]) -> dict[str, dict[PeerId, Record]]:
+        """`get` for many keys concurrently (bounded); e.g. every block of a model."""
+        self._check_running()
+        keys = list(dict.fromkeys(keys))
+        found = await asyncio.gather(*(self.get(key) for key in keys))
+        return dict(zip(keys, found, strict=True))
+
+    async def _get(self, key: bytes) -> dict[PeerId, Record]:
+        keynode = Node(key)
+        nearest = self.protocol.router.find_neighbors(keynode)
+        crawl = RecordSpiderCrawl(
+            self.protocol, keynode, nearest, self._server.ksize, self._server.alpha, verify=self._verify
+        )
+        crawl.merge(self.storage.records(key))
+        if nearest:
+            try:
+                async with asyncio.timeout(self.lookup_timeout_s):
+                    await crawl.find()
+            except TimeoutError:
+                log.warning("DHT lookup timed out after %.1f s; returning %d records", self.lookup_timeout_s,
+                            len(crawl.found))
+        now = self._wall_clock()
+        return {PeerId(sub): rec for sub, rec in sorted(crawl.found.items()) if rec.expires_at > now}
+
+    def start_refreshing(
+        self,
+        keys: str | Sequence[str],
+        value_fn: Callable[[], bytes | Awaitable[bytes]],
+        *,
+        period_s: float | None = None,
+    ) -> RefreshHandle:
+        """Store `value_fn()` under `keys` now and then every `period_s` (default: record ttl / 2).
+
+        The task belongs to this node (cancelled by `aclose`); cancel it earlier with the returned handle.
+        A failing round is logged and retried next period.
+        """
+        self._check_running()
+        key_list = [keys] if isinstance(keys, str) else list(keys)
+        period = self.record_ttl_s / 2 if period_s is None else period_s
+        if period <= 0:
+            raise ConfigError(f"refresh period must be positive, got {period}")
+
+        async def refresh() -> None:
+            while True:
+                try:
+                    value = value_fn()
+                    if isinstance(value, Awaitable):
+                        value = await value
+                    await self.store_many(key_list, value)
+                except (DHTError, ConfigError) as e:
+                    log.warning("DHT refresh of %d keys failed: %s", len(key_list), e)
+                await asyncio.sleep(period)
+
+        return RefreshHandle(self._spawn(refresh()), self._tasks)
