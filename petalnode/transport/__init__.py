@@ -3,11 +3,11 @@
 from petalnode.transport._base import (
     CONNECT_TIMEOUT_S,
     Connection,
+    ConnectionConfig,
     ConnectionHandler,
     EndOfStreamError,
     Listener,
     Stream,
-    StreamConfig,
     Transport,
 )
 from petalnode.transport._memory import LinkConfig, MemoryDatagramTransport, MemoryNetwork
@@ -15,6 +15,7 @@ from petalnode.transport._memory import LinkConfig, MemoryDatagramTransport, Mem
 __all__ = [
     "CONNECT_TIMEOUT_S",
     "Connection",
+    "ConnectionConfig",
     "ConnectionHandler",
     "EndOfStreamError",
     "LinkConfig",
@@ -22,6 +23,5 @@ __all__ = [
     "MemoryDatagramTransport",
     "MemoryNetwork",
     "Stream",
-    "StreamConfig",
     "Transport",
 ]

@@ -30,6 +30,10 @@ CHUNK_BYTES = 240 * 1024
 STREAM_WINDOW_BYTES = 4 * 1024 * 1024
 # Streams a peer may have open to us on one connection at once.
 MAX_STREAMS = 256
+# Connection keepalive: a silent connection is probed this often and dropped after the timeout, so a peer that
+# vanished without a FIN (power loss, partition) is noticed even when no RPC is in flight.
+KEEPALIVE_INTERVAL_S = 5.0
+KEEPALIVE_TIMEOUT_S = 20.0
 
 
 class EndOfStreamError(ConnectionClosedError):
@@ -37,13 +41,18 @@ class EndOfStreamError(ConnectionClosedError):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class StreamConfig:
-    """Limits of the shared multiplexing layer; both ends of a connection should use the same values."""
+class ConnectionConfig:
+    """Limits of the shared multiplexing layer (see `_mux.py`).
+
+    `keepalive_interval_s=None` turns keepalive off (a simulator with thousands of idle connections may want it).
+    """
 
     max_message_bytes: int = MAX_MESSAGE_BYTES
     chunk_bytes: int = CHUNK_BYTES
     window_bytes: int = STREAM_WINDOW_BYTES
     max_streams: int = MAX_STREAMS
+    keepalive_interval_s: float | None = KEEPALIVE_INTERVAL_S
+    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if not 1024 <= self.chunk_bytes <= 16 * 1024 * 1024:
@@ -54,6 +63,8 @@ class StreamConfig:
             )
         if self.max_message_bytes < 1 or self.max_streams < 1:
             raise ConfigError("max_message_bytes and max_streams must be positive")
+        if self.keepalive_interval_s is not None and not 0 < self.keepalive_interval_s < self.keepalive_timeout_s:
+            raise ConfigError("need 0 < keepalive_interval_s < keepalive_timeout_s")
 
 
 @runtime_checkable
@@ -163,11 +174,17 @@ class Transport(Protocol):
 class FrameChannel(Protocol):
     """What a transport gives the multiplexer: an ordered, reliable pipe of bounded frames.
 
-    `send_frame` must enqueue the whole frame before its first await (so concurrent senders never interleave
-    bytes) and may then wait for backpressure.
+    `write_frame` queues a whole frame without blocking (so concurrent writers never interleave bytes and the
+    reader can answer control frames without deadlocking); `drain` waits until the queue is small again.
     """
 
-    async def send_frame(self, frame: bytes) -> None: ...
+    max_frame_bytes: int
+
+    def write_frame(self, frame: bytes) -> None:
+        """Queue one frame; raises `ConnectionClosedError` if the channel is closed."""
+        ...
+
+    async def drain(self) -> None: ...
 
     async def receive_frame(self) -> bytes:
         """The next frame; raises `ConnectionClosedError` at the end."""

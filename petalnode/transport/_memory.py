@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from petalnode.errors import ConfigError
+from petalnode.identity import Identity
+from petalnode.transport._base import ConnectionConfig
+from petalnode.transport._memory_transport import MemoryTransport
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +183,7 @@ class MemoryNetwork:
         self._kill_hooks: dict[str, list[Callable[[], None]]] = collections.defaultdict(list)
         # Stream frames held while a host is partitioned: (direction, nbytes, deliver).
         self._held: list[tuple[_LinkDirection, int, Callable[[], None]]] = []
+        self._heal_waiters: list[asyncio.Future[None]] = []
 
     # ---- links and faults -------------------------------------------------------------------------------
 
@@ -205,6 +209,10 @@ class MemoryNetwork:
             else:
                 still_held.append((direction, nbytes, deliver))
         self._held = still_held
+        waiters, self._heal_waiters = self._heal_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def is_partitioned(self, host: str) -> bool:
         return host in self._partitioned
@@ -220,6 +228,12 @@ class MemoryNetwork:
             if host in (src, dst):
                 direction.clear()
         self._held = [h for h in self._held if host not in (h[0].src, h[0].dst)]
+
+    async def _wait_reachable(self, src: str, dst: str) -> None:
+        while not self._reachable(src, dst):
+            waiter = asyncio.get_running_loop().create_future()
+            self._heal_waiters.append(waiter)
+            await waiter
 
     def _reachable(self, src: str, dst: str) -> bool:
         return src == dst or (src not in self._partitioned and dst not in self._partitioned)
@@ -305,8 +319,8 @@ class MemoryNetwork:
 
     # ---- stream transports -------------------------------------------------------------------------------
 
-    def transport(self, identity: Any, host: str, **kwargs: Any) -> Any:
-        """A `Transport` for `identity` on `host` (scheme "memory"); see `MemoryTransport`."""
-        from petalnode.transport._memory_transport import MemoryTransport
-
-        return MemoryTransport(self, identity, host, **kwargs)
+    def transport(
+        self, identity: Identity, host: str, *, config: ConnectionConfig | None = None
+    ) -> MemoryTransport:
+        """A `Transport` (scheme "memory") for `identity` on `host`."""
+        return MemoryTransport(self, identity, host, config=config)
