@@ -1,0 +1,56 @@
+# Size limits every decoder in petalnode.codecs enforces on untrusted bytes.
+#
+# Invariants:
+# - Every limit is a positive int, checked *before* the memory it guards is allocated: the message length before
+#   parsing, token counts, container lengths and nesting depth during a pre-scan of the msgpack bytes, element
+#   counts before a tensor is built, and decompressed sizes before zstd runs.
+# - Decoding a message that passes these limits allocates at most a small multiple of
+#   `max_message_bytes + max_decoded_bytes` (Python objects for at most `max_objects` msgpack tokens, plus tensors).
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from petalnode.errors import ConfigError
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CodecLimits:
+    """Limits a receiver enforces on every message and tensor it decodes.
+
+    Defaults come from the largest legitimate payload we expect: a (1, 32768, 8192) fp32 prefill is 1 GiB and
+    must be chunked anyway, while a (1, 2048, 8192) chunk (64 MiB, 2**24 elements) fits. Control messages are
+    tiny, so the per-token limits are far above their needs and far below what would hurt the node.
+
+    Attributes:
+        max_message_bytes: longest encoded message accepted (64 MiB).
+        max_tensor_elements: most elements in one tensor (2**26).
+        max_ndim: most dimensions of one tensor.
+        max_str_len: longest msgpack str, in UTF-8 bytes.
+        max_bytes_len: longest msgpack bin (tensor payloads are bins).
+        max_container_len: most items in one array, or pairs in one map.
+        max_depth: deepest nesting of arrays and maps (an envelope with a tensor field is depth 3).
+        max_objects: most msgpack tokens in one message; bounds Python objects allocated while parsing.
+        max_decoded_bytes: most bytes of tensor data one message may expand to (zstd and int8 expand).
+    """
+
+    max_message_bytes: int = 64 * MIB
+    max_tensor_elements: int = 2**26
+    max_ndim: int = 8
+    max_str_len: int = 1 * MIB
+    max_bytes_len: int = 64 * MIB
+    max_container_len: int = 2**20
+    max_depth: int = 32
+    max_objects: int = 2**18
+    max_decoded_bytes: int = 256 * MIB
+
+    def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if type(value) is not int or value <= 0:
+                raise ConfigError(f"CodecLimits.{name} must be a positive int, got {value!r}")
+
+
+DEFAULT_LIMITS = CodecLimits()
