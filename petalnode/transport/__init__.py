@@ -11,6 +11,8 @@ from petalnode.transport._base import (
     Transport,
 )
 from petalnode.transport._memory import LinkConfig, MemoryDatagramTransport, MemoryNetwork
+from petalnode.transport._memory_transport import MemoryTransport
+from petalnode.transport._tcp import TcpTransport
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
@@ -22,6 +24,8 @@ __all__ = [
     "Listener",
     "MemoryDatagramTransport",
     "MemoryNetwork",
+    "MemoryTransport",
     "Stream",
+    "TcpTransport",
     "Transport",
 ]

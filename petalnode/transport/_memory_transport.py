@@ -257,6 +257,8 @@ class MemoryTransport:
     async def _handle(self, listener: MemoryListener, connection: MuxConnection) -> None:
         try:
             await listener.handler(connection)
+        except ConnectionClosedError:
+            pass
         except Exception:
             log.exception("connection handler failed for %r", connection)
             await connection.aclose()

@@ -40,6 +40,11 @@ from petalnode.transport._frames import FrameKind
 log = logging.getLogger(__name__)
 
 
+def _fresh(error: TransportError) -> TransportError:
+    # A stored error raised again and again would grow one traceback forever; raise a copy each time.
+    return type(error)(*error.args)
+
+
 class MuxStream:
     """One stream of a `MuxConnection` (implements `Stream`)."""
 
@@ -99,7 +104,7 @@ class MuxStream:
 
     def _check_can_send(self) -> None:
         if self._error is not None:
-            raise self._error
+            raise _fresh(self._error)
         if self._sent_eof:
             raise ClosedResourceError(f"stream {self._id}: cannot send in state \"send-closed\"")
 
@@ -137,7 +142,7 @@ class MuxStream:
                     return message
                 continue
             if self._error is not None:
-                raise self._error
+                raise _fresh(self._error)
             if self._got_eof:
                 if self._partial:
                     raise RemoteProtocolError(f"stream {self._id}: peer ended the stream inside a message")
@@ -311,7 +316,9 @@ class MuxConnection:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise self._close_reason or ConnectionClosedError(f"connection to {self._remote_peer_id} is closed")
+            if self._close_reason is not None:
+                raise _fresh(self._close_reason)
+            raise ConnectionClosedError(f"connection to {self._remote_peer_id} is closed")
 
     def _write(self, frame: bytes) -> None:
         self._check_open()

@@ -1,0 +1,161 @@
+# The authenticated key exchange and record protection of the TCP transport. Sans-IO: keys and bytes in,
+# keys, bytes and peer ids out; the asyncio driver lives in `_tcp.py`.
+#
+# Protocol (version 1), a signed ephemeral Diffie-Hellman in the SIGMA style (Krawczyk, CRYPTO 2003):
+#   1. both sides send HELLO = MAGIC (8 bytes) | X25519 ephemeral public key (32 bytes), in the clear;
+#   2. transcript hash TH = SHA-256(LABEL | initiator ephemeral | responder ephemeral);
+#      keys = HKDF-SHA256(X25519 shared secret, salt=TH, info=KEY_INFO) -> 32 bytes initiator->responder,
+#      32 bytes responder->initiator (RFC 5869);
+#   3. each side sends, as its first encrypted record, PROOF = Ed25519 public key (32) | signature (64) over
+#      SIG_LABEL | role | TH | own Ed25519 public key. The role byte stops a proof being reflected back, TH binds
+#      the proof to this session's ephemeral keys, and sending it encrypted hides identities from onlookers.
+# Records: u32 big-endian ciphertext length | ChaCha20-Poly1305(key of the direction, nonce = 4 zero bytes |
+#   u64 big-endian counter, aad = the length prefix) (RFC 8439). Counters start at 0 per direction and never
+#   repeat; a record that fails authentication, arrives out of order or is over the size limit is fatal.
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import struct
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from petalnode.errors import HandshakeError, LocalProtocolError, RemoteProtocolError
+from petalnode.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, PeerId, verify_signature
+
+PROTOCOL_VERSION = 1
+MAGIC = b"PETALN\x00" + bytes([PROTOCOL_VERSION])
+LABEL = b"petalnode/tcp/v1 handshake"
+SIG_LABEL = b"petalnode/tcp/v1 identity proof"
+KEY_INFO = b"petalnode/tcp/v1 record keys"
+HELLO_BYTES = len(MAGIC) + 32
+PROOF_BYTES = PUBLIC_KEY_BYTES + SIGNATURE_BYTES
+LENGTH_PREFIX = struct.Struct(">I")
+TAG_BYTES = 16
+_NONCE_PREFIX = b"\x00\x00\x00\x00"
+_MAX_COUNTER = 2**64 - 1
+
+
+class Role(enum.Enum):
+    INITIATOR = b"I"
+    RESPONDER = b"R"
+
+    @property
+    def other(self) -> Role:
+        return Role.RESPONDER if self is Role.INITIATOR else Role.INITIATOR
+
+
+class EphemeralKey:
+    """One side's X25519 key for one handshake; never reused."""
+
+    def __init__(self) -> None:
+        self._private = X25519PrivateKey.generate()
+        raw = serialization.Encoding.Raw
+        self.public = self._private.public_key().public_bytes(raw, serialization.PublicFormat.Raw)
+
+    def hello(self) -> bytes:
+        return MAGIC + self.public
+
+    def exchange(self, peer_public: bytes) -> bytes:
+        try:
+            return self._private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+        except ValueError as e:  # e.g. a low-order point giving an all-zero secret
+            raise HandshakeError(f"bad ephemeral key from peer: {e}") from None
+
+
+def parse_hello(data: bytes) -> bytes:
+    """The peer's ephemeral public key from its HELLO.
+
+    Raises:
+        HandshakeError: wrong length, not a petalnode peer, or another protocol version.
+    """
+    if len(data) != HELLO_BYTES:
+        raise HandshakeError(f"HELLO of {len(data)} bytes (must be {HELLO_BYTES})")
+    if data[: len(MAGIC) - 1] != MAGIC[:-1]:
+        raise HandshakeError("peer is not speaking the petalnode TCP protocol")
+    if data[len(MAGIC) - 1] != PROTOCOL_VERSION:
+        raise HandshakeError(f"peer speaks TCP protocol version {data[len(MAGIC) - 1]}, we speak {PROTOCOL_VERSION}")
+    return bytes(data[len(MAGIC) :])
+
+
+def transcript_hash(initiator_ephemeral: bytes, responder_ephemeral: bytes) -> bytes:
+    return hashlib.sha256(LABEL + initiator_ephemeral + responder_ephemeral).digest()
+
+
+def derive_keys(shared_secret: bytes, th: bytes, role: Role) -> tuple[bytes, bytes]:
+    """(send key, receive key) for `role`."""
+    okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=th, info=KEY_INFO).derive(shared_secret)
+    i2r, r2i = okm[:32], okm[32:]
+    return (i2r, r2i) if role is Role.INITIATOR else (r2i, i2r)
+
+
+def _signed_bytes(role: Role, th: bytes, public_key: bytes) -> bytes:
+    return SIG_LABEL + role.value + th + public_key
+
+
+def make_proof(identity: Identity, role: Role, th: bytes) -> bytes:
+    return identity.public_key + identity.sign(_signed_bytes(role, th, identity.public_key))
+
+
+def verify_proof(proof: bytes, peer_role: Role, th: bytes) -> PeerId:
+    """The peer id proven by `proof`.
+
+    Raises:
+        HandshakeError: malformed proof or a signature that does not verify.
+    """
+    if len(proof) != PROOF_BYTES:
+        raise HandshakeError(f"identity proof of {len(proof)} bytes (must be {PROOF_BYTES})")
+    public_key, signature = bytes(proof[:PUBLIC_KEY_BYTES]), bytes(proof[PUBLIC_KEY_BYTES:])
+    if not verify_signature(public_key, signature, _signed_bytes(peer_role, th, public_key)):
+        raise HandshakeError("peer's identity signature does not verify")
+    return PeerId.from_public_key(public_key)
+
+
+class RecordSealer:
+    """Encrypts outgoing records of one direction."""
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = ChaCha20Poly1305(key)
+        self._counter = 0
+
+    def seal(self, plaintext: bytes) -> bytes:
+        if self._counter > _MAX_COUNTER:
+            raise LocalProtocolError("record counter exhausted; reconnect")
+        prefix = LENGTH_PREFIX.pack(len(plaintext) + TAG_BYTES)
+        nonce = _NONCE_PREFIX + self._counter.to_bytes(8, "big")
+        self._counter += 1
+        return prefix + self._aead.encrypt(nonce, plaintext, prefix)
+
+
+class RecordOpener:
+    """Checks and decrypts incoming records of one direction."""
+
+    def __init__(self, key: bytes, max_plaintext_bytes: int) -> None:
+        self._aead = ChaCha20Poly1305(key)
+        self._counter = 0
+        self.max_record_bytes = max_plaintext_bytes + TAG_BYTES
+
+    def record_length(self, prefix: bytes) -> int:
+        """The ciphertext length announced by a 4-byte prefix, checked against the limit before reading it."""
+        (length,) = LENGTH_PREFIX.unpack(prefix)
+        if length > self.max_record_bytes:
+            raise RemoteProtocolError(f"record of {length} bytes exceeds the limit of {self.max_record_bytes}")
+        if length < TAG_BYTES:
+            raise RemoteProtocolError(f"record of {length} bytes is shorter than its authentication tag")
+        return int(length)
+
+    def open(self, prefix: bytes, ciphertext: bytes) -> bytes:
+        if self._counter > _MAX_COUNTER:
+            raise RemoteProtocolError("record counter exhausted")
+        nonce = _NONCE_PREFIX + self._counter.to_bytes(8, "big")
+        try:
+            plaintext = self._aead.decrypt(nonce, ciphertext, prefix)
+        except InvalidTag:
+            raise RemoteProtocolError("record failed authentication (tampered, replayed or out of order)") from None
+        self._counter += 1
+        return plaintext
