@@ -1,5 +1,6 @@
 """petalnode.dht: a hardened Kademlia DHT (the `kademlia` package, subclassed) with signed per-writer records."""
 
+from petalnode.dht._announcement import Announcement, ServerState, block_key
 from petalnode.dht._node import DHTNode, NodeState, RefreshHandle
 from petalnode.dht._record import MAX_CLOCK_SKEW_S, MAX_RECORD_TTL_S, MAX_VALUE_BYTES, Record, dht_key
 
@@ -7,9 +8,12 @@ __all__ = [
     "MAX_CLOCK_SKEW_S",
     "MAX_RECORD_TTL_S",
     "MAX_VALUE_BYTES",
+    "Announcement",
     "DHTNode",
     "NodeState",
     "Record",
     "RefreshHandle",
+    "ServerState",
+    "block_key",
     "dht_key",
 ]

@@ -9,17 +9,86 @@
 # at most once per (writer, seq) however many nodes return it.
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from kademlia.crawling import SpiderCrawl
+from kademlia.crawling import NodeSpiderCrawl, SpiderCrawl
 from kademlia.node import Node
 
 from petalnode.dht._record import Record
 from petalnode.errors import InvalidRecordError
 
+SLOW_CALL_FRACTION = 0.25
 
-class RecordSpiderCrawl(SpiderCrawl):
+
+class _AsyncAlphaMixin:
+    """Replace SpiderCrawl's lock-step rounds with alpha calls always in flight.
+
+    kademlia's `_find` sends alpha requests and waits for all of them, so one dead contact stalls every round for
+    a whole RPC timeout. Here a new request goes out as soon as any answer (or timeout) comes back (the paper's
+    section 2.3 allows this), with the same stopping rule: every one of the k nearest known nodes was asked.
+    Pending calls are tasks this coroutine owns and cancels on exit.
+    """
+
+    nearest: Any
+    protocol: Any
+    alpha: int
+    node: Node
+
+    async def _crawl(self, rpcmethod: Callable[[Node, Node], Awaitable[tuple[bool, Any]]]) -> None:
+        loop = asyncio.get_running_loop()
+        # A call unanswered for a quarter of the RPC timeout is probably to a dead node; it keeps running but no
+        # longer holds one of the alpha slots, so dead contacts cost about one timeout per lookup, not per wave.
+        slow_after_s = SLOW_CALL_FRACTION * self.protocol._wait_timeout
+        pending: dict[asyncio.Task[tuple[bool, Any]], tuple[bytes, float]] = {}
+        try:
+            while True:
+                now = loop.time()
+                fast = sum(1 for _, sent in pending.values() if now - sent < slow_after_s)
+                for peer in self.nearest.get_uncontacted():
+                    if fast >= self.alpha:
+                        break
+                    self.nearest.mark_contacted(peer)
+                    pending[asyncio.ensure_future(rpcmethod(peer, self.node))] = (peer.id, now)
+                    fast += 1
+                if not pending:
+                    return
+                next_slow = min((sent + slow_after_s for _, sent in pending.values() if sent + slow_after_s > now),
+                                default=None)
+                done, _ = await asyncio.wait(
+                    pending, timeout=None if next_slow is None else next_slow - now,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                for task in done:
+                    peer_id, _ = pending.pop(task)
+                    ok, body = task.result()
+                    if ok:
+                        self._on_answer(body)
+                    else:
+                        self.nearest.remove([peer_id])
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    def _on_answer(self, body: Any) -> None:
+        raise NotImplementedError
+
+
+class FastNodeSpiderCrawl(_AsyncAlphaMixin, NodeSpiderCrawl):
+    """Find the k closest live nodes to a key."""
+
+    async def find(self) -> list[Node]:
+        await self._crawl(self.protocol.call_find_node)
+        return list(self.nearest)
+
+    def _on_answer(self, body: Any) -> None:
+        self.nearest.push([Node(*contact) for contact in body])
+
+
+class RecordSpiderCrawl(_AsyncAlphaMixin, SpiderCrawl):
     """Crawl toward `node` (the key), merging verified records from every responder."""
 
     def __init__(
@@ -31,7 +100,8 @@ class RecordSpiderCrawl(SpiderCrawl):
         self.rejected = 0
 
     async def find(self) -> dict[bytes, Record]:
-        return await self._find(self.protocol.call_find_value)
+        await self._crawl(self.protocol.call_find_value)
+        return self.found
 
     def merge(self, records: list[Record]) -> None:
         for record in records:
@@ -46,16 +116,7 @@ class RecordSpiderCrawl(SpiderCrawl):
                 continue
             self.found[subkey] = record
 
-    async def _nodes_found(self, responses: dict[bytes, tuple[bool, Any]]) -> dict[bytes, Record]:
-        toremove = []
-        for peer_id, (ok, body) in responses.items():
-            if not ok:
-                toremove.append(peer_id)
-                continue
-            records, contacts = body
-            self.merge(records)
-            self.nearest.push([Node(*contact) for contact in contacts])
-        self.nearest.remove(toremove)
-        if self.nearest.have_contacted_all():
-            return self.found
-        return await self.find()
+    def _on_answer(self, body: Any) -> None:
+        records, contacts = body
+        self.merge(records)
+        self.nearest.push([Node(*contact) for contact in contacts])

@@ -14,16 +14,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
-from kademlia.crawling import NodeSpiderCrawl
 from kademlia.network import Server
 from kademlia.node import Node
 
-from petalnode.dht._crawling import RecordSpiderCrawl
+from petalnode.dht._crawling import FastNodeSpiderCrawl, RecordSpiderCrawl
 from petalnode.dht._protocol import RPC_TIMEOUT_S, HardenedProtocol
 from petalnode.dht._record import MAX_CLOCK_SKEW_S, MAX_RECORD_TTL_S, MAX_VALUE_BYTES, Record, dht_key
 from petalnode.dht._storage import RecordStorage
@@ -193,7 +194,7 @@ class DHTNode:
     async def bootstrap(self, addresses: Iterable[Address]) -> int:
         """Join (or re-join) the network through `addresses`; returns how many nodes we now know."""
         self._check_running()
-        addrs = [(str(h), int(p)) for h, p in addresses]
+        addrs = [await self._resolve(h, p) for h, p in addresses]
         try:
             async with asyncio.timeout(BOOTSTRAP_TIMEOUT_S):
                 await self._server.bootstrap(addrs)
@@ -203,6 +204,18 @@ class DHTNode:
         if addrs and known == 0:
             raise DHTError(f"no DHT bootstrap node answered: {addrs}")
         return known
+
+    async def _resolve(self, host: str, port: int) -> Address:
+        if self._endpoint_factory is not None:
+            return (str(host), int(port))
+        try:
+            ipaddress.ip_address(host)
+            return (str(host), int(port))
+        except ValueError:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            if not infos:
+                raise ConfigError(f"cannot resolve DHT bootstrap host {host!r}") from None
+            return (str(infos[0][4][0]), int(port))
 
     async def aclose(self) -> None:
         """Stop serving and cancel every owned task. Idempotent."""
@@ -292,7 +305,7 @@ class DHTNode:
             nearest = self.protocol.router.find_neighbors(keynode)
             nodes: list[Node] = []
             if nearest:
-                crawl = NodeSpiderCrawl(self.protocol, keynode, nearest, self._server.ksize, self._server.alpha)
+                crawl = FastNodeSpiderCrawl(self.protocol, keynode, nearest, self._server.ksize, self._server.alpha)
                 try:
                     async with asyncio.timeout(self.lookup_timeout_s):
                         nodes = await crawl.find()

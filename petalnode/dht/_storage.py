@@ -53,9 +53,11 @@ class RecordStorage(IStorage):
             DHTError: storage is full of records that outlive this one.
         """
         now = self._wall_clock()
-        record.verify(now, max_ttl_s=self._max_ttl_s, skew_s=self._skew_s)
         subkey = record.peer_id.raw
         held = self._live(record.key, now)
+        if held is not None and held.get(subkey) == record:
+            return True  # verified when it was first stored; re-stores and handoffs are common
+        record.verify(now, max_ttl_s=self._max_ttl_s, skew_s=self._skew_s)
         if held is None:
             if len(self._data) >= self._max_keys:
                 self.cull()
@@ -64,8 +66,6 @@ class RecordStorage(IStorage):
             held = self._data[record.key] = {}
         old = held.get(subkey)
         if old is not None:
-            if old == record:
-                return True
             if not record.supersedes(old):
                 return False
         elif len(held) >= self._max_records_per_key:

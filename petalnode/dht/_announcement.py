@@ -1,0 +1,129 @@
+# What a server announces under each block key `{model}.{block}` it hosts (Petals' ServerInfo, signed).
+#
+# Invariants:
+# - Wire form is a msgpack map with one-letter string keys; keys we do not know (a newer version's fields)
+#   are ignored, keys we require must be present with the right type and range.
+# - The encoded announcement always fits a DHT record value (MAX_VALUE_BYTES), checked at encode time.
+# - Decoding never evaluates anything and uses strict msgpack size limits.
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from petalnode.dht._record import MAX_VALUE_BYTES
+from petalnode.errors import CodecError
+
+MAX_ADDRESSES = 8
+MAX_ADDRESS_CHARS = 160
+MAX_VERSION_CHARS = 32
+MAX_PUBLIC_NAME_CHARS = 64
+MAX_MODEL_CHARS = 128
+MAX_BLOCKS = 100_000
+
+
+class ServerState(enum.IntEnum):
+    """A server's lifecycle as announced (Petals: joining, online, offline); ints on the wire."""
+
+    OFFLINE = 0
+    JOINING = 1
+    ONLINE = 2
+
+
+def block_key(model: str, block: int) -> str:
+    """The DHT key of one block of a model, as in Petals: `{model}.{block}`."""
+    return f"{model}.{block}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Announcement:
+    """One server's state for its contiguous block range [start_block, end_block)."""
+
+    state: ServerState
+    model: str
+    start_block: int
+    end_block: int
+    throughput: float
+    cache_tokens_left: int
+    addresses: tuple[str, ...]
+    version: str
+    public_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.state, ServerState):
+            raise CodecError(f"announcement state must be a ServerState, got {self.state!r}")
+        _check_text("model", self.model, MAX_MODEL_CHARS, allow_empty=False)
+        for name in ("start_block", "end_block", "cache_tokens_left"):
+            value = getattr(self, name)
+            if type(value) is not int or not 0 <= value < 2**53:
+                raise CodecError(f"announcement {name} must be a non-negative int, got {value!r}")
+        if not self.start_block < self.end_block <= self.start_block + MAX_BLOCKS:
+            raise CodecError(f"announcement block range [{self.start_block}, {self.end_block}) is invalid")
+        if not isinstance(self.throughput, float) or not math.isfinite(self.throughput) or self.throughput < 0:
+            raise CodecError(f"announcement throughput must be a finite float >= 0, got {self.throughput!r}")
+        if not isinstance(self.addresses, tuple) or len(self.addresses) > MAX_ADDRESSES:
+            raise CodecError(f"announcement addresses must be a tuple of at most {MAX_ADDRESSES}")
+        for address in self.addresses:
+            _check_text("address", address, MAX_ADDRESS_CHARS, allow_empty=False)
+        _check_text("version", self.version, MAX_VERSION_CHARS, allow_empty=True)
+        if self.public_name is not None:
+            _check_text("public_name", self.public_name, MAX_PUBLIC_NAME_CHARS, allow_empty=False)
+
+    def block_keys(self) -> list[str]:
+        return [block_key(self.model, b) for b in range(self.start_block, self.end_block)]
+
+    def to_bytes(self) -> bytes:
+        wire: dict[str, Any] = {
+            "s": int(self.state), "m": self.model, "a": self.start_block, "b": self.end_block,
+            "t": self.throughput, "c": self.cache_tokens_left, "x": list(self.addresses), "v": self.version,
+        }
+        if self.public_name is not None:
+            wire["n"] = self.public_name
+        data = msgpack.packb(wire, use_bin_type=True)
+        if len(data) > MAX_VALUE_BYTES:
+            raise CodecError(f"announcement of {len(data)} bytes exceeds {MAX_VALUE_BYTES}")
+        return data
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Announcement:
+        """Parse and validate; fields unknown to this version are ignored. Raises `CodecError`."""
+        if not isinstance(data, bytes) or len(data) > MAX_VALUE_BYTES:
+            raise CodecError("announcement must be bytes within the DHT value limit")
+        try:
+            wire = msgpack.unpackb(
+                data, raw=False, strict_map_key=True, max_str_len=MAX_VALUE_BYTES, max_bin_len=MAX_VALUE_BYTES,
+                max_array_len=64, max_map_len=64, max_ext_len=0,
+            )
+        except Exception as e:  # msgpack raises several unrelated types
+            raise CodecError(f"undecodable announcement: {type(e).__name__}") from e
+        if not isinstance(wire, dict):
+            raise CodecError("announcement must be a map")
+        try:
+            state = ServerState(_get(wire, "s", int))
+        except ValueError as e:
+            raise CodecError(f"unknown announcement state {wire.get('s')!r}") from e
+        throughput = _get(wire, "t", (int, float))
+        addresses = _get(wire, "x", list)
+        name = wire.get("n")
+        return cls(
+            state=state, model=_get(wire, "m", str), start_block=_get(wire, "a", int), end_block=_get(wire, "b", int),
+            throughput=float(throughput), cache_tokens_left=_get(wire, "c", int), addresses=tuple(addresses),
+            version=_get(wire, "v", str), public_name=name,
+        )
+
+
+def _get(wire: dict[str, Any], key: str, types: type | tuple[type, ...]) -> Any:
+    if key not in wire:
+        raise CodecError(f"announcement is missing field {key!r}")
+    value = wire[key]
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise CodecError(f"announcement field {key!r} has the wrong type")
+    return value
+
+
+def _check_text(name: str, value: object, max_chars: int, *, allow_empty: bool) -> None:
+    if not isinstance(value, str) or len(value) > max_chars or (not value and not allow_empty):
+        raise CodecError(f"announcement {name} must be a string of at most {max_chars} characters")
