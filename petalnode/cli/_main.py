@@ -1,7 +1,35 @@
-"""Entry point of the `petalnode` command (placeholder until the CLI lands)."""
+"""Entry point of the `petalnode` command: parse arguments, dispatch, turn our errors into clear messages."""
 
 from __future__ import annotations
 
+import argparse
+import logging
+import sys
+
+from petalnode.cli._generate import add_generate_parser
+from petalnode.errors import PetalnodeError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="petalnode", description="Run large language models across many machines, BitTorrent-style."
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_generate_parser(commands)
+    return parser
+
 
 def main(argv: list[str] | None = None) -> int:
-    raise SystemExit("petalnode: not implemented yet")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args) or 0)
+    except PetalnodeError as e:
+        print(f"petalnode: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("petalnode: interrupted", file=sys.stderr)
+        return 130

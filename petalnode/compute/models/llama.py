@@ -123,9 +123,13 @@ class LlamaClientHead(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
-    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden_states: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        """Final norm over every position, then the LM head over the last `logits_to_keep` (0: all), as HF does."""
         weight = self.lm_head_weight if self.lm_head_weight is not None else self.embed_tokens.weight
-        return nn.functional.linear(self.norm(hidden_states), weight)
+        normed = self.norm(hidden_states)
+        if logits_to_keep:
+            normed = normed[:, -logits_to_keep:, :]
+        return nn.functional.linear(normed, weight)
 
 
 class LlamaFamily:

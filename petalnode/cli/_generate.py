@@ -1,0 +1,77 @@
+"""`petalnode generate`: stream a continuation of a prompt."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from petalnode.errors import ConfigError
+
+
+def add_generate_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("generate", help="generate text from a prompt, streaming tokens as they come")
+    parser.add_argument("prompt", help="the text to continue (or the user message, with --chat)")
+    parser.add_argument("--model", default=None, help="local model directory or id (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=None, help="sample with this temperature")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling")
+    parser.add_argument("--top-k", type=int, default=None, help="top-k sampling")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
+    parser.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+    parser.add_argument("--spans", type=int, default=3, help="local run: split the blocks into this many spans")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.set_defaults(run=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoTokenizer, TextStreamer
+
+    from petalnode.client import AutoDistributedModelForCausalLM, even_spans
+    from petalnode.compute import configure_threads, load_model_info
+
+    if args.max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens must be at least 1")
+    configure_threads(args.threads)
+    info = load_model_info(args.model)
+    print(
+        f"petalnode: no --bootstrap given: running {info.source.name} ({info.num_blocks} blocks) in this process, "
+        f"split into {args.spans} spans",
+        file=sys.stderr, flush=True,
+    )
+    model = AutoDistributedModelForCausalLM.from_pretrained(info.source, spans=even_spans(info.num_blocks, args.spans))
+    tokenizer = AutoTokenizer.from_pretrained(info.source.path)
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"model {info.source.name} has no chat template; drop --chat")
+        input_ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
+    else:
+        input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    sampling = any(v is not None for v in (args.temperature, args.top_p, args.top_k))
+    options: dict = {"max_new_tokens": args.max_new_tokens, "do_sample": sampling}
+    if sampling:
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        options.update(
+            {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p), ("top_k", args.top_k))
+             if v is not None}
+        )
+    else:
+        # Greedy: clear sampling defaults a model's generation_config may carry, so nothing warns or samples.
+        options.update(temperature=None, top_p=None, top_k=None)
+    streamer = TextStreamer(tokenizer, skip_prompt=args.chat, skip_special_tokens=True)
+    if not args.chat:
+        print(args.prompt, end="", flush=True)
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    started = time.perf_counter()
+    output = model.generate(input_ids, streamer=streamer, pad_token_id=tokenizer.eos_token_id, **options)
+    elapsed = time.perf_counter() - started
+    new_tokens = output.shape[1] - input_ids.shape[1]
+    print(f"petalnode: {new_tokens} tokens in {elapsed:.1f} s ({new_tokens / elapsed:.1f} tokens/s)",
+          file=sys.stderr)
+    model.close()
+    return 0
