@@ -1,4 +1,8 @@
-"""petalnode.transport: pluggable transports (TCP, in-memory) behind one interface, and RPC on top."""
+"""petalnode.transport: pluggable transports (TCP, in-memory) behind one interface, and RPC on top.
+
+Callers code against `Transport` / `Connection` / `Stream` (or, above them, `RPC`); which transport carries the
+bytes is chosen by the address scheme (`tcp://`, `memory://`, later `webrtc://`).
+"""
 
 from petalnode.transport._base import (
     CONNECT_TIMEOUT_S,
@@ -12,10 +16,17 @@ from petalnode.transport._base import (
 )
 from petalnode.transport._memory import LinkConfig, MemoryDatagramTransport, MemoryNetwork
 from petalnode.transport._memory_transport import MemoryTransport
+from petalnode.transport._rpc import RPC, RPC_TIMEOUT_S, CallContext, StreamHandler, UnaryHandler
+from petalnode.transport._rpc_stream import HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, RPCStream
 from petalnode.transport._tcp import TcpTransport
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
+    "HEARTBEAT_INTERVAL_S",
+    "HEARTBEAT_TIMEOUT_S",
+    "RPC",
+    "RPC_TIMEOUT_S",
+    "CallContext",
     "Connection",
     "ConnectionConfig",
     "ConnectionHandler",
@@ -25,7 +36,10 @@ __all__ = [
     "MemoryDatagramTransport",
     "MemoryNetwork",
     "MemoryTransport",
+    "RPCStream",
     "Stream",
+    "StreamHandler",
     "TcpTransport",
     "Transport",
+    "UnaryHandler",
 ]

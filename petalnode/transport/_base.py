@@ -95,6 +95,10 @@ class Stream(Protocol):
         """Abort the stream in both directions; the peer's pending calls raise `ConnectionClosedError`."""
         ...
 
+    async def wait_aborted(self) -> None:
+        """Return once the stream is reset (by either side) or its connection is lost; not on a clean end."""
+        ...
+
     async def aclose(self) -> None:
         """Finish sending and stop reading (idempotent)."""
         ...

@@ -66,6 +66,7 @@ class MuxStream:
         self._got_eof = False
         self._read_closed = False
         self._error: TransportError | None = None
+        self._aborted = asyncio.Event()
         self.last_received_at = asyncio.get_running_loop().time()
 
     @property
@@ -177,9 +178,13 @@ class MuxStream:
         self._readable.set()
         self._conn._maybe_forget(self)
 
+    async def wait_aborted(self) -> None:
+        await self._aborted.wait()
+
     def _fail(self, error: TransportError) -> None:
         if self._error is None:
             self._error = error
+        self._aborted.set()
         self._readable.set()
         self._writable.set()
 
