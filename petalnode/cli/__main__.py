@@ -1,0 +1,5 @@
+import sys
+
+from petalnode.cli import main
+
+sys.exit(main())
