@@ -10,8 +10,9 @@
 #   floor for blocks so tiny that the scale is subnormal). Results cast to fp16/bf16 add that dtype's rounding.
 # - Non-finite input (NaN, +-inf, or float64 beyond fp32 range) is refused at encode time: a single inf would
 #   zero its whole block and NaN would poison it, and no one should get that garbage silently.
-# - Decoding refuses negative or non-finite scales and q == -128, so the wire form is canonical enough that a
-#   decoded tensor is always finite and within each block's stated range.
+# - Decoding refuses negative scales, scales with 127 * scale not finite in fp32, and q == -128, so a decoded
+#   tensor is always finite and within each block's stated range. The encoder never produces such scales:
+#   right below fp32's maximum it steps the scale down an ulp rather than let 127 * scale round to infinity.
 #
 # Similar in spirit to bitsandbytes' blockwise quantization (Dettmers et al., "8-bit Optimizers via Block-wise
 # Quantization", 2022), minus the dynamic (non-linear) code book: a linear code keeps decode a single multiply.
@@ -30,6 +31,7 @@ neighbours, at 4/64 = 6.25 % scale overhead (1.0625 bytes per element, 26.6 % of
 
 MAX_INT8_BLOCK_SIZE = 1 << 16
 _QMAX = 127
+_MAX_SCALE_NUDGES = 4
 
 
 def num_blocks(numel: int, block_size: int) -> int:
@@ -61,6 +63,13 @@ def quantize_int8(flat: torch.Tensor, block_size: int) -> tuple[torch.Tensor, to
     if nb and not math.isfinite(float(absmax.max())):
         raise CodecError("int8 codec cannot encode NaN or infinity (or values beyond fp32 range); use a raw codec")
     scales = absmax / _QMAX
+    # Near fp32's maximum, 127 * fp32(absmax / 127) can round up to infinity; step such scales down an ulp
+    # (twice is always enough) so that every dequantized value stays finite. Costs one scalar check normally.
+    for _ in range(_MAX_SCALE_NUDGES):
+        if not nb or math.isfinite(float(scales.max() * _QMAX)):
+            break
+        too_big = ~torch.isfinite(scales * _QMAX)
+        scales[too_big] = torch.nextafter(scales[too_big], torch.zeros(()))
     divisor = torch.where(scales > 0, scales, torch.ones_like(scales))
     q = torch.div(blocks, divisor[:, None]).round_().clamp_(-_QMAX, _QMAX).to(torch.int8)
     return scales, q.view(-1)[:n]
@@ -73,8 +82,8 @@ def dequantize_int8(scales: torch.Tensor, q: torch.Tensor, block_size: int) -> t
         CodecError: a scale is negative or not finite, or a value is -128 (never produced by the encoder).
     """
     # min/max propagate NaN and are much faster than elementwise masks.
-    if scales.numel() and not (float(scales.min()) >= 0 and math.isfinite(float(scales.max()))):
-        raise CodecError("int8 scales must be finite and non-negative")
+    if scales.numel() and not (float(scales.min()) >= 0 and math.isfinite(float(scales.max() * _QMAX))):
+        raise CodecError("int8 scales must be non-negative and small enough that 127 * scale is finite")
     if q.numel() and int(q.min()) == -_QMAX - 1:
         raise CodecError("int8 value -128 is not used by the symmetric codec")
     n = q.numel()

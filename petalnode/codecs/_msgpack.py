@@ -104,9 +104,9 @@ def _scan(data: bytes | bytearray | memoryview, limits: CodecLimits) -> None:
         elif kind == _ARRAY or kind == _MAP:
             if length > limits.max_container_len:
                 _fail(f"{_KIND_NAME[kind]} of {length} items exceeds the limit of {limits.max_container_len}")
+            if len(stack) >= limits.max_depth:
+                _fail(f"msgpack nesting deeper than {limits.max_depth}")
             if length:
-                if len(stack) >= limits.max_depth:
-                    _fail(f"msgpack nesting deeper than {limits.max_depth}")
                 stack.append([2 * length if kind == _MAP else length, kind == _MAP])
         if pos > end:
             _fail(f"truncated msgpack: {pos - end} bytes missing")
