@@ -1,0 +1,158 @@
+"""The hardened DHT protocol over the in-memory network (no sockets): eviction, storms, client mode, handoff."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from kademlia.node import Node
+
+from petalnode.dht import DHTNode, dht_key
+from petalnode.dht._routing import HEAD_CHECK_INTERVAL_S, DecidingRoutingTable
+from petalnode.errors import ClosedResourceError, ConfigError, InvalidStateError
+from petalnode.identity import Identity
+from petalnode.transport import MemoryNetwork
+
+pytestmark = pytest.mark.timeout(30)
+RPC_TIMEOUT_S = 0.2
+
+
+def node(network: MemoryNetwork, name: str, **kwargs: object) -> DHTNode:
+    return DHTNode(Identity.from_seed(name.encode()), endpoint_factory=network.create_datagram_endpoint,
+                   rpc_timeout_s=RPC_TIMEOUT_S, **kwargs)
+
+
+async def test_store_and_get_between_two_nodes_and_lifecycle_errors() -> None:
+    network = MemoryNetwork()
+    a, b = node(network, "a"), node(network, "b")
+    with pytest.raises(InvalidStateError):
+        await a.store("k", b"v")
+    await a.start(listen=("a", 1))
+    await b.start(listen=("b", 1), bootstrap=[("a", 1)])
+    assert await b.store("k", b"v") == 2  # b itself and a
+    assert (await a.get("k"))[b.peer_id].value == b"v"
+    with pytest.raises(ConfigError):
+        await b.store("k", b"x" * 5000)
+    await a.aclose()
+    await a.aclose()  # idempotent
+    with pytest.raises(ClosedResourceError):
+        await a.get("k")
+    with pytest.raises(ClosedResourceError):
+        await a.start()
+    await b.aclose()
+
+
+async def test_bootstrap_to_nobody_raises() -> None:
+    network = MemoryNetwork()
+    with pytest.raises(Exception, match="no DHT bootstrap node answered"):
+        await node(network, "lonely").start(listen=("x", 1), bootstrap=[("nowhere", 9)])
+
+
+async def test_one_timeout_does_not_evict_two_do_and_timeout_is_configurable() -> None:
+    network = MemoryNetwork()
+    async with node(network, "a") as a:
+        pass
+    a, b = node(network, "a"), node(network, "b")
+    await a.start(listen=("a", 1))
+    await b.start(listen=("b", 1), bootstrap=[("a", 1)])
+    try:
+        contact = next(c for c in b.protocol.router.contacts() if c.id == a.peer_id.raw)
+        network.partition("a")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        ok, _ = await b.protocol.call_find_node(contact, Node(dht_key("x")))
+        assert not ok and RPC_TIMEOUT_S <= loop.time() - started < RPC_TIMEOUT_S * 3
+        assert a.peer_id.raw in {c.id for c in b.protocol.router.contacts()}  # one strike: kept
+        network.heal("a")
+        ok, _ = await b.protocol.call_find_node(contact, Node(dht_key("x")))
+        assert ok  # an answer clears the strike
+        network.partition("a")
+        await b.protocol.call_find_node(contact, Node(dht_key("x")))
+        assert a.peer_id.raw in {c.id for c in b.protocol.router.contacts()}
+        await b.protocol.call_find_node(contact, Node(dht_key("x")))
+        assert a.peer_id.raw not in {c.id for c in b.protocol.router.contacts()}  # two in a row: evicted
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+def test_full_bucket_pings_its_head_once_per_interval() -> None:
+    now = [0.0]
+    me = Node(bytes(20))
+    table = DecidingRoutingTable(None, 2, me, clock=lambda: now[0])
+
+    def far(second_byte: int) -> Node:
+        # First bits 10000 shared by all: the far bucket's depth is 5, so it is full and may not split.
+        return Node(bytes([0b10000000 | second_byte]) + bytes(19))
+
+    assert table.add_contact(far(0b0100)) is None
+    assert table.add_contact(far(0b0010)) is None
+    head = table.add_contact(far(0b0001))
+    assert head is not None and head.id == far(0b0100).id
+    assert all(table.add_contact(far(0b0001 + i % 2)) is None for i in range(100))  # no storm
+    now[0] += HEAD_CHECK_INTERVAL_S + 1
+    assert table.add_contact(far(0b0001)) is not None
+    # Evicting the silent head promotes the waiting replacement (paper section 4.1).
+    table.remove_contact(head)
+    assert far(0b0001).id in {n.id for n in table.contacts()}
+
+
+async def test_client_mode_is_in_no_routing_table_and_serves_nothing() -> None:
+    network = MemoryNetwork()
+    servers = [node(network, f"s{i}") for i in range(4)]
+    await servers[0].start(listen=("s0", 1))
+    for i, s in enumerate(servers[1:], 1):
+        await s.start(listen=(f"s{i}", 1), bootstrap=[("s0", 1)])
+    client = node(network, "client", client_mode=True)
+    await client.start(listen=("c", 1), bootstrap=[("s0", 1)])
+    try:
+        assert await client.store("k", b"from client") == 4  # stores on others, not on itself
+        assert len(client.storage) == 0
+        assert set(await servers[2].get("k")) == {client.peer_id}
+        assert all(client.peer_id.raw not in {c.id for c in s.protocol.router.contacts()} for s in servers)
+        assert len(client.protocol.router.contacts()) == 4
+    finally:
+        for n in [*servers, client]:
+            await n.aclose()
+
+
+async def test_new_node_is_handed_the_records_it_should_hold() -> None:
+    network = MemoryNetwork()
+    a = node(network, "a")
+    await a.start(listen=("a", 1))
+    b = node(network, "b")
+    await b.start(listen=("b", 1), bootstrap=[("a", 1)])
+    try:
+        await a.store("handed", b"over", ttl_s=100)
+        original = a.storage.records(dht_key("handed"))[0]
+        late = node(network, "late")
+        await late.start(listen=("late", 1), bootstrap=[("a", 1)])
+        for _ in range(50):
+            if late.storage.records(dht_key("handed")):
+                break
+            await asyncio.sleep(0.02)
+        assert late.storage.records(dht_key("handed")) == [original]  # same signature and expiry: not extended
+        await late.aclose()
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_thirty_plus_writers_on_one_key_are_all_returned_through_pages() -> None:
+    network = MemoryNetwork()
+    nodes = [node(network, f"n{i}") for i in range(6)]
+    await nodes[0].start(listen=("n0", 1))
+    for i, n in enumerate(nodes[1:], 1):
+        await n.start(listen=(f"n{i}", 1), bootstrap=[("n0", 1)])
+    writers = [node(network, f"w{i}", client_mode=True) for i in range(40)]
+    try:
+        await asyncio.gather(*(w.start(listen=(f"w{i}", 1), bootstrap=[("n0", 1)]) for i, w in enumerate(writers)))
+        big = b"x" * 900  # ~1 KiB records: 40 of them need several FIND_VALUE pages
+        assert all(await asyncio.gather(*(w.store("popular", big) for w in writers)))
+        found = await nodes[3].get("popular")
+        assert set(found) == {w.peer_id for w in writers}
+        # A client-mode reader holds nothing locally, so everything came over the wire, in pages.
+        assert set(await writers[0].get("popular")) == {w.peer_id for w in writers}
+    finally:
+        for n in [*nodes, *writers]:
+            await n.aclose()

@@ -1,0 +1,207 @@
+"""Signed records, per-writer storage, the announcement schema and the public surface of petalnode.dht."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgpack
+import pytest
+
+import petalnode.dht
+from petalnode.dht import MAX_VALUE_BYTES, Announcement, Record, ServerState, block_key, dht_key
+from petalnode.dht._protocol import PAGE_BUDGET_BYTES, batch_records
+from petalnode.dht._storage import RecordStorage
+from petalnode.dht._wire import MAX_BODY_BYTES, pack_body
+from petalnode.errors import CodecError, DHTError, InvalidRecordError
+from petalnode.identity import Identity
+
+NOW = 1_700_000_000.0
+ALICE = Identity.from_seed(b"alice")
+MALLORY = Identity.from_seed(b"mallory")
+KEY = dht_key("model.3")
+
+
+def make(identity: Identity = ALICE, value: bytes = b"v", *, seq: int = 1, ttl: float = 100.0) -> Record:
+    return Record.create(identity, key=KEY, value=value, expires_at=NOW + ttl, seq=seq)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_public_names_are_exported_sorted() -> None:
+    public = {n for n in dir(petalnode.dht) if not n.startswith("_")} - {"annotations"}
+    modules = {n for n in public if isinstance(getattr(petalnode.dht, n), type(petalnode))}
+    assert set(petalnode.dht.__all__) == public - modules
+
+
+def test_dht_package_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import petalnode.dht, petalnode.dht._process, sys; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_valid_record_verifies_and_round_trips() -> None:
+    record = make()
+    record.verify(NOW)
+    again = Record.from_wire(msgpack.unpackb(msgpack.packb(record.to_wire())))
+    assert again == record
+    assert again.peer_id == ALICE.peer_id
+    assert len(pack_body(record.to_wire())) <= record.wire_size()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"value": b"w"},
+        {"seq": 2},
+        {"expires_at": NOW + 200.0},
+        {"key": dht_key("model.4")},
+        {"public_key": MALLORY.public_key},  # claims Mallory's subkey with Alice's signature
+    ],
+)
+def test_tampered_record_is_rejected(change: dict[str, object]) -> None:
+    with pytest.raises(InvalidRecordError, match="signature"):
+        dataclasses.replace(make(), **change).verify(NOW)
+
+
+def test_forged_record_for_another_writer_is_rejected() -> None:
+    forged = Record.create(MALLORY, key=KEY, value=b"evil", expires_at=NOW + 100, seq=99)
+    forged = dataclasses.replace(forged, public_key=ALICE.public_key)
+    with pytest.raises(InvalidRecordError):
+        forged.verify(NOW)
+
+
+def test_expired_and_far_future_records_are_rejected() -> None:
+    with pytest.raises(InvalidRecordError, match="expired"):
+        make(ttl=-1).verify(NOW)
+    with pytest.raises(InvalidRecordError, match="beyond"):
+        make(ttl=10_000).verify(NOW)
+    make(ttl=3600 + 30).verify(NOW)  # within max ttl + allowed clock skew
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        None, [], [b"x"] * 6, [KEY, b"k" * 32, b"v", "soon", 1, b"s" * 64],
+        [KEY, b"k" * 32, b"v" * 5000, 1.0, 1, b"s" * 64], [KEY, b"k" * 32, b"v", float("nan"), 1, b"s" * 64],
+        [KEY, b"k" * 32, b"v", 1.0, -1, b"s" * 64],
+    ],
+)
+def test_malformed_wire_records_raise_invalid_record(wire: object) -> None:
+    with pytest.raises(InvalidRecordError):
+        Record.from_wire(wire)
+
+
+def test_storage_keeps_newest_per_writer_and_refuses_replays() -> None:
+    storage = RecordStorage(Clock())
+    assert storage.put(make(seq=5, value=b"new"))
+    assert not storage.put(make(seq=4, value=b"old"))  # replayed older record
+    assert not storage.put(make(seq=5, value=b"same seq, other value"))
+    assert storage.put(make(seq=5, value=b"new"))  # identical re-store is fine
+    assert storage.put(Record.create(MALLORY, key=KEY, value=b"m", expires_at=NOW + 50, seq=1))
+    assert [r.value for r in storage.records(KEY)] == sorted([b"new", b"m"], key=lambda v: (
+        ALICE.peer_id.raw if v == b"new" else MALLORY.peer_id.raw))
+    with pytest.raises(InvalidRecordError):
+        storage.put(dataclasses.replace(make(seq=9), value=b"tampered"))
+    assert {r.seq for r in storage.records(KEY)} == {5, 1}
+
+
+def test_storage_drops_expired_and_never_republishes() -> None:
+    clock = Clock()
+    storage = RecordStorage(clock)
+    storage.put(make(ttl=10))
+    storage.put(Record.create(MALLORY, key=KEY, value=b"m", expires_at=NOW + 100, seq=1))
+    assert storage.iter_older_than(0) == []
+    clock.now += 11
+    assert [r.peer_id for r in storage.records(KEY)] == [MALLORY.peer_id]
+    clock.now += 100
+    assert storage.cull() == 1 and len(storage) == 0 and storage.get(KEY) is None
+
+
+def test_storage_bounds_writers_per_key() -> None:
+    clock = Clock()
+    storage = RecordStorage(clock, max_records_per_key=3)
+    writers = [Identity.from_seed(b"w%d" % i) for i in range(4)]
+    for i, w in enumerate(writers[:3]):
+        storage.put(Record.create(w, key=KEY, value=b"", expires_at=NOW + 10 + i, seq=1))
+    with pytest.raises(DHTError):  # outlives nobody: refused
+        storage.put(Record.create(writers[3], key=KEY, value=b"", expires_at=NOW + 5, seq=1))
+    storage.put(Record.create(writers[3], key=KEY, value=b"", expires_at=NOW + 50, seq=1))
+    assert {r.peer_id for r in storage.records(KEY)} == {w.peer_id for w in writers[1:]}
+
+
+def test_pages_cover_all_writers_and_fit_datagrams() -> None:
+    storage = RecordStorage(Clock())
+    writers = [Identity.from_seed(b"p%d" % i) for i in range(40)]
+    for w in writers:
+        storage.put(Record.create(w, key=KEY, value=b"x" * MAX_VALUE_BYTES, expires_at=NOW + 10, seq=1))
+    seen, cursor, pages = [], None, 0
+    while True:
+        page, cursor = storage.page(KEY, cursor, PAGE_BUDGET_BYTES, 64)
+        nodes = [[b"i" * 20, "203.0.113.255", 65535]] * 40
+        body = pack_body({"records": [r.to_wire() for r in page], "next": cursor, "nodes": nodes})
+        assert len(body) <= MAX_BODY_BYTES
+        seen += page
+        pages += 1
+        if cursor is None:
+            break
+    assert pages > 1 and {r.peer_id for r in seen} == {w.peer_id for w in writers}
+    assert sum(len(b) for b in batch_records(seen)) == 40
+
+
+def announcement(**overrides: object) -> Announcement:
+    fields: dict[str, object] = dict(
+        state=ServerState.ONLINE, model="smollm2-135m", start_block=4, end_block=12, throughput=123.5,
+        cache_tokens_left=8192, addresses=("tcp://203.0.113.5:31337",), version="0.1.0", public_name="alice",
+    )
+    fields.update(overrides)
+    return Announcement(**fields)  # type: ignore[arg-type]
+
+
+# Golden bytes: the wire form is a contract between versions.
+GOLDEN = bytes.fromhex(
+    "89a17302a16dac736d6f6c6c6d322d3133356da16104a1620ca174cb405ee00000000000a163cd2000a17891b7"
+    "7463703a2f2f3230332e302e3131332e353a3331333337a176a5302e312e30a16ea5616c696365"
+)
+
+
+def test_announcement_golden_bytes_and_round_trip() -> None:
+    ann = announcement()
+    assert ann.to_bytes() == GOLDEN
+    assert Announcement.from_bytes(GOLDEN) == ann
+    assert ann.block_keys() == [block_key("smollm2-135m", b) for b in range(4, 12)]
+    assert Announcement.from_bytes(announcement(public_name=None).to_bytes()).public_name is None
+
+
+def test_announcement_ignores_unknown_fields_from_newer_versions() -> None:
+    wire = msgpack.unpackb(GOLDEN)
+    wire["zz"] = {"future": [1, 2, 3]}
+    assert Announcement.from_bytes(msgpack.packb(wire)) == announcement()
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [lambda w: w.pop("m"), lambda w: w.update(s=9), lambda w: w.update(a=20), lambda w: w.update(t="fast"),
+     lambda w: w.update(x=["a" * 500]), lambda w: w.update(c=True), lambda w: w.update(t=float("inf"))],
+)
+def test_announcement_rejects_bad_fields(mutate) -> None:
+    wire = msgpack.unpackb(GOLDEN)
+    mutate(wire)
+    with pytest.raises(CodecError):
+        Announcement.from_bytes(msgpack.packb(wire))
+
+
+def test_announcement_rejects_garbage_and_oversize() -> None:
+    for data in (b"", b"\xc1", msgpack.packb([1, 2]), b"\x00" * (MAX_VALUE_BYTES + 1)):
+        with pytest.raises(CodecError):
+            Announcement.from_bytes(data)
+    with pytest.raises(CodecError):
+        announcement(addresses=tuple(f"tcp://10.0.0.{i}:1" for i in range(20)))
