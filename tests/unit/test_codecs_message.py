@@ -2,7 +2,7 @@
 
 # wire_field returns a dataclasses.field; until pyproject lists it in flake8-bugbear's extend-immutable-calls,
 # ruff cannot see that and flags every use.
-# ruff: noqa: RUF009
+# ruff: noqa: RUF009, RUF100
 
 from __future__ import annotations
 
