@@ -76,6 +76,7 @@ class HardenedProtocol(KademliaProtocol):
         self.storage: RecordStorage = storage
         self.client_mode = client_mode
         self.dropped = 0
+        self.internal_errors = 0
         self._strikes: dict[bytes, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._handoffs = 0
@@ -109,6 +110,7 @@ class HardenedProtocol(KademliaProtocol):
             log.debug("dropped DHT datagram from %s: %s", addr, e)
         except Exception:  # a bug of ours: log it, keep serving
             self.dropped += 1
+            self.internal_errors += 1
             log.exception("error handling DHT datagram from %s", addr)
 
     def error_received(self, exc: Exception) -> None:
