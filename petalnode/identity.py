@@ -47,7 +47,7 @@ class PeerId:
     @classmethod
     def from_text(cls, text: str) -> PeerId:
         try:
-            raw = base64.b32decode(text.upper() + "====", casefold=False)
+            raw = base64.b32decode(text.upper() + "=" * (-len(text) % 8), casefold=False)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"not a peer id: {text!r}") from e
         if len(raw) != PEER_ID_BYTES:
