@@ -80,7 +80,11 @@ def encode_message(
         raise CodecError(f"expected a Message, got {type(msg).__name__}")
     if not isinstance(tensor_codec, TensorCodec):
         raise CodecError(f"expected a TensorCodec, got {tensor_codec!r}")
-    return packb(encode_envelope(msg, EncodeContext(tensor_codec, bool(zstd))), limits)
+    try:
+        obj = encode_envelope(msg, EncodeContext(tensor_codec, bool(zstd)))
+    except RecursionError:  # a self-nesting message far deeper than any receiver's max_depth
+        raise CodecError("message nesting is too deep to encode") from None
+    return packb(obj, limits)
 
 
 def decode_message(

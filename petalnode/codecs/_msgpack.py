@@ -143,6 +143,11 @@ def unpackb(data: bytes | bytearray | memoryview, limits: CodecLimits = DEFAULT_
     Raises:
         CodecError: anything malformed or over a limit; never another exception type.
     """
+    if isinstance(data, memoryview) and data.format != "B":
+        try:
+            data = data.cast("B")  # the scanner indexes single bytes
+        except TypeError as e:
+            raise CodecError(f"cannot read a non-contiguous memoryview as bytes: {e}") from e
     if not isinstance(data, bytes | bytearray | memoryview):
         raise CodecError(f"expected bytes, got {type(data).__name__}")
     _scan(data, limits)

@@ -23,7 +23,9 @@ class Message:
 
     Subclass it, set `KIND` (unique, lowercase, e.g. "dht.ping") and `VERSION`, and decorate with
     `@register_message` (which also applies `@dataclass(frozen=True, slots=True, kw_only=True)` if the class is
-    not a dataclass yet). Field annotations are the schema; see petalnode.codecs for the supported types.
+    not a dataclass yet). Field annotations are the schema; see _schema.py for the supported types and
+    `wire_field` for per-field options. A message with tensor fields should say `eq=False` in its own
+    `@dataclass(...)`, since comparing tensors with == does not give a bool.
 
     Class attributes:
         KIND: the name on the wire.

@@ -491,3 +491,25 @@ def test_all_is_sorted_and_complete() -> None:
     public = {name for name in vars(petalnode.codecs) if not name.startswith("_")}
     modules = {name for name in public if type(getattr(petalnode.codecs, name)).__name__ == "module"}
     assert set(exported) == public - modules
+
+
+@register_message
+class Chain(Message):
+    KIND: ClassVar[str] = "test.codecs.chain"
+    next: Chain | None = None
+
+
+def test_recursive_messages_nest_up_to_the_depth_limit() -> None:
+    chain = Chain()
+    for _ in range(10):
+        chain = Chain(next=chain)
+    assert decode_message(encode_message(chain)) == chain
+    for _ in range(3000):
+        chain = Chain(next=chain)
+    with pytest.raises(CodecError):
+        encode_message(chain)
+    deep = packb({"k": "test.codecs.chain", "v": 1, "b": {}})
+    for _ in range(20):
+        deep = b"\x83\xa1k\xb1test.codecs.chain\xa1v\x01\xa1b\x81\xa4next" + deep
+    with pytest.raises(CodecError, match="nesting"):
+        decode_message(deep)

@@ -191,3 +191,15 @@ def test_mutated_messages_only_ever_raise_codec_error(obj: object, data: st.Data
     except CodecError:
         return
     assert msgpack.packb(result) == msgpack.packb(msgpack.unpackb(bytes(packed), raw=False))
+
+
+def test_memoryviews_of_any_format_are_read_as_bytes() -> None:
+    import array
+
+    data = packb([1, 2])
+    assert unpackb(memoryview(array.array("B", data)).cast("B")) == [1, 2]
+    words = array.array("H", b"\x92\x01\x02\xc0")  # 2 items of 2 bytes: [1, 2] then a trailing nil
+    with pytest.raises(CodecError, match="trailing"):
+        unpackb(memoryview(words))
+    with pytest.raises(CodecError):
+        unpackb(memoryview(b"\x92\x01\x02\x00")[::2])  # not contiguous
