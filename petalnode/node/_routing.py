@@ -1,0 +1,189 @@
+# Route choice: the chain of servers a client pushes hidden states through (Petals' sequence_manager, improved).
+#
+# Invariants:
+# - Pure: swarm view and measured RTTs in, route out; randomness only from the optional `rng`.
+# - A route covers [start, end) exactly once, in order: hop i ends where hop i+1 starts, no hop is empty, and no
+#   two consecutive hops use the same server (they would be merged: one hop is never worse than two).
+# - Only ONLINE, non-banned servers with enough cache tokens are used, and each only inside its announced span.
+# - The cost of a route is the expected latency of one decode step:
+#       sum over hops of  rtt(server) + hop_penalty_s + blocks_in_hop / throughput(server)
+#   and the returned route minimizes it (up to the optional jitter). Petals runs Dijkstra over (server, block)
+#   nodes; the same optimum is a shortest path over block boundaries 0..N, a DAG, solved here by one forward pass.
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+from petalnode.dht import ServerState
+from petalnode.errors import PetalnodeError
+from petalnode.identity import PeerId
+from petalnode.node._swarm_view import ServerView, SwarmView, describe_runs, runs_where
+
+HOP_PENALTY_S = 0.002
+"""Added per hop: serialization, an extra session to open and one more server that can fail mid-generation."""
+DEFAULT_RTT_S = 0.05
+"""Round trip assumed for a server we have not measured yet: a typical cross-country internet path."""
+MIN_THROUGHPUT = 1e-3
+"""A server announcing less (e.g. 0 before it measured itself) is costed as this slow: usable only as last resort."""
+ROUTE_JITTER = 0.02
+"""With an rng, each server's costs are scaled by a random factor in [1, 1 + ROUTE_JITTER): routes within about 2%
+of each other are chosen at random, which spreads clients over equal servers instead of all picking the first."""
+
+
+class NoRouteError(PetalnodeError):
+    """Some blocks have no eligible server (none online, or all banned, joining or out of cache).
+
+    Attributes:
+        missing: the maximal [start, end) block runs with no eligible server.
+    """
+
+    def __init__(self, missing: Sequence[tuple[int, int]], *, model: str | None = None, detail: str = "") -> None:
+        self.missing = list(missing)
+        self.model = model
+        what = describe_runs(self.missing)
+        verb = "has" if what.startswith("block ") else "have"
+        of_model = f" of {model}" if model else ""
+        super().__init__(f"{what}{of_model} {verb} no server{detail}")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteHop:
+    """Send blocks [start, end) to `peer_id`; `server` is its announcement as seen when routing."""
+
+    peer_id: PeerId
+    start: int
+    end: int
+    server: ServerView
+
+
+def choose_route(
+    view: SwarmView,
+    *,
+    start: int = 0,
+    end: int | None = None,
+    rtt_s: Mapping[PeerId, float],
+    banned: Collection[PeerId] = (),
+    min_cache_tokens: int = 0,
+    hop_penalty_s: float = HOP_PENALTY_S,
+    default_rtt_s: float = DEFAULT_RTT_S,
+    rng: random.Random | None = None,
+    model: str | None = None,
+) -> list[RouteHop]:
+    """The chain of servers through blocks [start, end) with the lowest expected decode-step latency.
+
+    A server may serve any sub-range of its span, so a route can switch servers mid-span. Runs in
+    O((end - start) x servers): for a fixed server s, the best way to reach boundary b through s is
+        min over a of (best[a] - a / thr_s) + b / thr_s + rtt_s + penalty,
+    and the min over a is a running minimum kept per server as b advances.
+
+    Args:
+        view: the swarm of one model.
+        start, end: the block range to route (default: the whole model); failover re-routes a sub-range.
+        rtt_s: measured round-trip times; unmeasured servers cost `default_rtt_s`.
+        banned: servers never to use (recently failed).
+        min_cache_tokens: servers announcing fewer free cache tokens are skipped.
+        hop_penalty_s: added per hop, so fewer hops win near-ties.
+        rng: if given, costs get a small random jitter (see ROUTE_JITTER) to spread clients.
+        model: only for the error message.
+
+    Raises:
+        NoRouteError: some blocks in [start, end) have no eligible server; `missing` lists them.
+    """
+    end = view.num_blocks if end is None else end
+    if not 0 <= start < end <= view.num_blocks:
+        raise ValueError(f"cannot route blocks [{start}, {end}) of a {view.num_blocks}-block model")
+    banned = set(banned)
+    eligible = [
+        s for s in (view.servers[p] for p in sorted(view.servers))
+        if s.state == ServerState.ONLINE and s.peer_id not in banned and s.cache_tokens_left >= min_cache_tokens
+        and s.start < end and s.end > start
+    ]
+    covered = [False] * (end - start)
+    for s in eligible:
+        for block in range(max(s.start, start), min(s.end, end)):
+            covered[block - start] = True
+    if not all(covered):
+        missing = [(a + start, b + start) for a, b in runs_where([not c for c in covered])]
+        raise NoRouteError(missing, model=model or view.model, detail=_why(view, missing, banned, min_cache_tokens))
+
+    # Per server: fixed cost per hop and seconds per block, both scaled by the jitter factor.
+    fixed: list[float] = []
+    per_block: list[float] = []
+    for s in eligible:
+        factor = 1.0 + rng.random() * ROUTE_JITTER if rng is not None else 1.0
+        fixed.append((rtt_s.get(s.peer_id, default_rtt_s) + hop_penalty_s) * factor)
+        per_block.append(factor / max(s.throughput, MIN_THROUGHPUT))
+
+    # Servers whose span contains block b (they can start or continue a hop at boundary b).
+    starting_at: list[list[int]] = [[] for _ in range(end - start)]
+    for i, s in enumerate(eligible):
+        starting_at[max(s.start, start) - start].append(i)
+    best = [math.inf] * (end - start + 1)
+    best[0] = 0.0
+    back: list[tuple[int, int]] = [(-1, -1)] * (end - start + 1)  # (server index, hop start boundary)
+    running: dict[int, tuple[float, int]] = {}  # server index -> (min of best[a] - a * per_block, argmin a)
+    for b in range(1, end - start + 1):
+        a = b - 1  # boundary a becomes a possible hop start for every server hosting block a
+        for i in starting_at[a]:
+            running[i] = (math.inf, -1)
+        for i, (value, arg) in list(running.items()):
+            if eligible[i].end - start < b:  # the span ended before block a: the server is out of reach
+                del running[i]
+                continue
+            candidate = best[a] - a * per_block[i]
+            if candidate < value:
+                running[i] = value, arg = candidate, a
+            cost = value + b * per_block[i] + fixed[i]
+            if cost < best[b]:
+                best[b], back[b] = cost, (i, arg)
+
+    hops: list[RouteHop] = []
+    b = end - start
+    for _ in range(end - start):  # at most one hop per block
+        if b == 0:
+            break
+        i, a = back[b]
+        server = eligible[i]
+        if hops and hops[-1].peer_id == server.peer_id:  # zero-cost split: merge (never worse, see invariants)
+            hops[-1] = RouteHop(server.peer_id, a + start, hops[-1].end, server)
+        else:
+            hops.append(RouteHop(server.peer_id, a + start, b + start, server))
+        b = a
+    hops.reverse()
+    return hops
+
+
+def route_cost_s(
+    route: Sequence[RouteHop],
+    *,
+    rtt_s: Mapping[PeerId, float],
+    hop_penalty_s: float = HOP_PENALTY_S,
+    default_rtt_s: float = DEFAULT_RTT_S,
+) -> float:
+    """Expected seconds of one decode step along `route`, by the same model `choose_route` minimizes."""
+    return sum(
+        rtt_s.get(h.peer_id, default_rtt_s) + hop_penalty_s + (h.end - h.start) / max(h.server.throughput,
+                                                                                          MIN_THROUGHPUT)
+        for h in route
+    )
+
+
+def _why(view: SwarmView, missing: list[tuple[int, int]], banned: set[PeerId], min_cache_tokens: int) -> str:
+    # Say why servers that do host a missing block were not used, so "no server" is never a riddle.
+    reasons: dict[str, int] = {}
+    for s in view.servers.values():
+        if not any(s.start < b and s.end > a for a, b in missing):
+            continue
+        if s.state != ServerState.ONLINE:
+            reason = s.state.name.lower()
+        elif s.peer_id in banned:
+            reason = "banned after failures"
+        else:
+            reason = f"without cache for {min_cache_tokens} tokens" if s.cache_tokens_left < min_cache_tokens else ""
+        if reason:
+            reasons[reason] = reasons.get(reason, 0) + 1
+    if not reasons:
+        return ""
+    return " (servers there: " + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) + ")"
