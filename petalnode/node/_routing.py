@@ -17,7 +17,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from petalnode.dht import ServerState
-from petalnode.errors import PetalnodeError
+from petalnode.errors import NoRouteError
 from petalnode.identity import PeerId
 from petalnode.node._swarm_view import ServerView, SwarmView, describe_runs, runs_where
 
@@ -30,22 +30,6 @@ MIN_THROUGHPUT = 1e-3
 ROUTE_JITTER = 0.02
 """With an rng, each server's costs are scaled by a random factor in [1, 1 + ROUTE_JITTER): routes within about 2%
 of each other are chosen at random, which spreads clients over equal servers instead of all picking the first."""
-
-
-class NoRouteError(PetalnodeError):
-    """Some blocks have no eligible server (none online, or all banned, joining or out of cache).
-
-    Attributes:
-        missing: the maximal [start, end) block runs with no eligible server.
-    """
-
-    def __init__(self, missing: Sequence[tuple[int, int]], *, model: str | None = None, detail: str = "") -> None:
-        self.missing = list(missing)
-        self.model = model
-        what = describe_runs(self.missing)
-        verb = "has" if what.startswith("block ") else "have"
-        of_model = f" of {model}" if model else ""
-        super().__init__(f"{what}{of_model} {verb} no server{detail}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +73,9 @@ def choose_route(
         model: only for the error message.
 
     Raises:
-        NoRouteError: some blocks in [start, end) have no eligible server; `missing` lists them.
+        NoRouteError: some blocks in [start, end) have no eligible server (none online, or all banned, joining
+            or out of cache); `missing` lists the maximal runs, and the message says e.g. "blocks 12-14 of M have
+            no server (servers there: 1 joining)".
     """
     end = view.num_blocks if end is None else end
     if not 0 <= start < end <= view.num_blocks:
@@ -106,7 +92,7 @@ def choose_route(
             covered[block - start] = True
     if not all(covered):
         missing = [(a + start, b + start) for a, b in runs_where([not c for c in covered])]
-        raise NoRouteError(missing, model=model or view.model, detail=_why(view, missing, banned, min_cache_tokens))
+        raise _no_route(missing, model or view.model, _why(view, missing, banned, min_cache_tokens))
 
     # Per server: fixed cost per hop and seconds per block, both scaled by the jitter factor.
     fixed: list[float] = []
@@ -168,6 +154,13 @@ def route_cost_s(
                                                                                           MIN_THROUGHPUT)
         for h in route
     )
+
+
+def _no_route(missing: list[tuple[int, int]], model: str | None, detail: str) -> NoRouteError:
+    what = describe_runs(missing)
+    verb = "has" if what.startswith("block ") else "have"
+    of_model = f" of {model}" if model else ""
+    return NoRouteError(f"{what}{of_model} {verb} no server{detail}", missing=missing)
 
 
 def _why(view: SwarmView, missing: list[tuple[int, int]], banned: set[PeerId], min_cache_tokens: int) -> str:

@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from petalnode.dht import ServerState
-from petalnode.errors import PetalnodeError
+from petalnode.errors import NoRouteError, PetalnodeError
 from petalnode.identity import PeerId
-from petalnode.node._routing import NoRouteError, RouteHop, choose_route, route_cost_s
+from petalnode.node._routing import RouteHop, choose_route, route_cost_s
 from petalnode.node._swarm_view import ServerView, SwarmView
 
 ONLINE, JOINING, OFFLINE = ServerState.ONLINE, ServerState.JOINING, ServerState.OFFLINE
