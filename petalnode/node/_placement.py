@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Sequence
 
 from petalnode.dht import ServerState
 from petalnode.identity import PeerId
@@ -37,7 +36,8 @@ def choose_blocks(
 ) -> tuple[int, int]:
     """The window of `num_blocks_to_host` blocks where this server adds the most to the weakest blocks.
 
-    Throughput of ONLINE and JOINING servers counts, except `own_peer_id`'s. Among equally good windows:
+    Throughput of ONLINE and JOINING servers counts, except `own_peer_id`'s; a server announcing 0 (not measured
+    yet) counts at the swarm's median throughput. Among equally good windows:
     1. the server's current window (its announcement in `view`, if any and of the same length) is kept;
     2. otherwise windows "aligned" to the run of equal throughput they sit in are preferred: those starting a
        multiple of k blocks after the run's start, or ending a multiple of k before its end. Filling a gap from
@@ -66,7 +66,7 @@ def choose_blocks(
         return 0, k
     own = view.servers.get(own_peer_id) if own_peer_id is not None else None
     others = view.without(own_peer_id) if own is not None else view
-    levels = _quantized(others.block_throughput(SERVING_STATES))
+    levels = _levels(others)
     keys = _window_keys(levels, k)
     best_key = min(keys)
     best = [s for s, key in enumerate(keys) if key == best_key]
@@ -113,8 +113,8 @@ def should_move(
     holes_after = moved.block_coverage(SERVING_STATES).count(0)
     if holes_after < holes_before:
         return target
-    weakest_before = min(view.block_throughput(SERVING_STATES))
-    weakest_after = min(moved.block_throughput(SERVING_STATES))
+    weakest_before = min(_levels(view))
+    weakest_after = min(_levels(moved))
     if holes_before == holes_after == 0 and weakest_after > weakest_before * min_improvement:
         return target
     return None
@@ -125,8 +125,18 @@ def _window_keys(levels: list[float], k: int) -> list[tuple[float, ...]]:
     return [tuple(sorted(levels[s : s + k])) for s in range(len(levels) - k + 1)]
 
 
-def _quantized(levels: Sequence[float]) -> list[float]:
-    return [float(f"{x:.{_SIGNIFICANT_DIGITS}g}") for x in levels]
+def _levels(view: SwarmView) -> list[float]:
+    # Per-block throughput of ONLINE and JOINING servers, quantized so float noise does not break ties. A server
+    # announcing 0 (a JOINING server has not measured itself yet) counts at the median announced throughput (1.0
+    # if none): it is about to host those blocks, and counting it as 0 would let a whole wave pile onto it.
+    serving = [view.servers[p] for p in sorted(view.servers) if view.servers[p].state in SERVING_STATES]
+    known = sorted(s.throughput for s in serving if s.throughput > 0)
+    nominal = known[len(known) // 2] if known else 1.0
+    totals = [0.0] * view.num_blocks
+    for server in serving:
+        for block in range(server.start, server.end):
+            totals[block] += server.throughput if server.throughput > 0 else nominal
+    return [float(f"{x:.{_SIGNIFICANT_DIGITS}g}") for x in totals]
 
 
 def _aligned_starts(levels: list[float], k: int, candidates: list[int]) -> list[int]:
@@ -157,5 +167,5 @@ def _keeps_duplicate(view: SwarmView, own: ServerView, k: int) -> bool:
     rest = view.without(own.peer_id)
     for twin in twins:
         rest = rest.without(twin)
-    keys = _window_keys(_quantized(rest.block_throughput(SERVING_STATES)), k)
+    keys = _window_keys(_levels(rest), k)
     return keys[own.start] == min(keys)

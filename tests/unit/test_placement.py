@@ -94,6 +94,15 @@ def test_joining_servers_count_but_offline_ones_do_not() -> None:
     assert choose_blocks(view, 10, rng=random.Random(0)) == (10, 20)
 
 
+def test_a_joining_server_that_announced_zero_throughput_still_counts() -> None:
+    # JOINING servers announce before measuring themselves; a wave must not pile onto them.
+    view = swarm(30, server(1, 0, 10, throughput=0.0, state=JOINING), server(2, 20, 30, throughput=4.0))
+    for seed in range(20):
+        assert choose_blocks(view, 10, rng=random.Random(seed)) == (10, 20)
+    view = swarm(20, server(1, 0, 10, throughput=0.0, state=JOINING))
+    assert choose_blocks(view, 10, rng=random.Random(0)) == (10, 20)
+
+
 @pytest.mark.parametrize(("num_blocks", "k"), [(30, 10), (30, 7), (8, 3), (80, 9), (13, 5), (30, 4)])
 def test_one_by_one_joiners_cover_every_block_and_a_second_wave_doubles_coverage(num_blocks: int, k: int) -> None:
     wave = -(-num_blocks // k)  # the fewest servers that can cover the model
