@@ -1,1 +1,9 @@
-"""petalnode."""
+"""petalnode: run large language models across many ordinary machines, BitTorrent-style.
+
+Importing the package is light (no torch): the DHT processes import it too. The Hugging Face style client is
+`petalnode.client.AutoDistributedModelForCausalLM`; the daemon is `petalnode.node.Node`.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

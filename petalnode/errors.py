@@ -23,6 +23,7 @@ and is only ever displayed, never evaluated).
     │   └── InvalidRecordError           forged, tampered, expired or malformed record
     ├── ComputeError
     │   └── ShapeError                   a tensor of the wrong shape or dtype for the blocks
+    ├── NoRouteError                     some blocks have no (usable) server
     └── RemoteError                      typed errors that travel back to an RPC caller
         ├── BusyError
         ├── OutOfCacheMemoryError        the KV-cache budget is exhausted (also raised locally)
@@ -105,6 +106,14 @@ class ComputeError(PetalnodeError):
 
 class ShapeError(ComputeError):
     """A tensor has the wrong shape or dtype for the hosted blocks."""
+
+
+class NoRouteError(PetalnodeError):
+    """No chain of usable servers covers the requested blocks; `missing` lists the uncovered [start, end) runs."""
+
+    def __init__(self, message: str, *, missing: list[tuple[int, int]] | None = None) -> None:
+        super().__init__(message)
+        self.missing = list(missing or [])
 
 
 class RemoteError(PetalnodeError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -19,28 +20,64 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-k", type=int, default=None, help="top-k sampling")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
     parser.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
-    parser.add_argument("--spans", type=int, default=3, help="local run: split the blocks into this many spans")
+    parser.add_argument("--bootstrap", action="append", default=[], metavar="ADDR",
+                        help="a swarm peer (repeatable); without it, a local swarm is started for this run")
+    parser.add_argument("--servers", type=int, default=3, help="local swarm: number of server processes")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the blocks in this process instead of a swarm (debugging)")
+    parser.add_argument("--codec", default="raw", choices=["raw", "fp16", "bf16", "int8"],
+                        help="how hidden states travel between peers (default raw: lossless)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.set_defaults(run=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import AutoTokenizer, TextStreamer
-
     from petalnode.client import AutoDistributedModelForCausalLM, even_spans
+    from petalnode.codecs import TensorCodec
     from petalnode.compute import configure_threads, load_model_info
+    from petalnode.node import RemoteBlockChain
 
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be at least 1")
     configure_threads(args.threads)
     info = load_model_info(args.model)
-    print(
-        f"petalnode: no --bootstrap given: running {info.source.name} ({info.num_blocks} blocks) in this process, "
-        f"split into {args.spans} spans",
-        file=sys.stderr, flush=True,
-    )
-    model = AutoDistributedModelForCausalLM.from_pretrained(info.source, spans=even_spans(info.num_blocks, args.spans))
+    with contextlib.ExitStack() as stack:
+        if args.in_process:
+            print(f"petalnode: running {info.source.name} ({info.num_blocks} blocks) in this process",
+                  file=sys.stderr, flush=True)
+            model = AutoDistributedModelForCausalLM.from_pretrained(
+                info.source, spans=even_spans(info.num_blocks, args.servers)
+            )
+        else:
+            bootstrap = args.bootstrap
+            if not bootstrap:
+                bootstrap = [_start_local_swarm(stack, args, info)]
+            chain = RemoteBlockChain.connect(info, bootstrap=bootstrap, codec=TensorCodec(args.codec))
+            stack.callback(chain.close)
+            model = AutoDistributedModelForCausalLM.from_pretrained(info.source, chain=chain)
+        return _generate(model, info, args)
+
+
+def _start_local_swarm(stack: contextlib.ExitStack, args: argparse.Namespace, info) -> str:
+    from petalnode.client import even_spans
+    from petalnode.node import LocalSwarm
+
+    spans = even_spans(info.num_blocks, args.servers)
+    print(f"petalnode: no --bootstrap given: starting a local swarm of {info.source.name}: a bootstrap and "
+          f"{len(spans)} servers (blocks {', '.join(f'{a}-{b - 1}' for a, b in spans)}) on 127.0.0.1 ...",
+          file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    model = str(info.source.path) if args.model else None
+    swarm = stack.enter_context(LocalSwarm(model, spans=spans, threads=args.threads))
+    print(f"petalnode: local swarm ready in {time.perf_counter() - started:.1f} s "
+          f"(bootstrap {swarm.bootstrap_address})", file=sys.stderr, flush=True)
+    return swarm.bootstrap_address
+
+
+def _generate(model, info, args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoTokenizer, TextStreamer
+
     tokenizer = AutoTokenizer.from_pretrained(info.source.path)
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
@@ -73,5 +110,4 @@ def run_generate(args: argparse.Namespace) -> int:
     new_tokens = output.shape[1] - input_ids.shape[1]
     print(f"petalnode: {new_tokens} tokens in {elapsed:.1f} s ({new_tokens / elapsed:.1f} tokens/s)",
           file=sys.stderr)
-    model.close()
     return 0

@@ -6,7 +6,9 @@ import argparse
 import logging
 import sys
 
+from petalnode.cli._daemon import add_daemon_parsers
 from petalnode.cli._generate import add_generate_parser
+from petalnode.cli._status import add_status_parser
 from petalnode.errors import PetalnodeError
 
 
@@ -16,7 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_daemon_parsers(commands)
     add_generate_parser(commands)
+    add_status_parser(commands)
     return parser
 
 

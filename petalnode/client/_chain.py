@@ -84,7 +84,7 @@ class LocalBlockChain:
         per_block = info.kv_bytes_per_token_per_block(dtype)
         self._managers = [
             SessionManager(
-                span, cache_budget_bytes=cache_budget_bytes, kv_bytes_per_token=per_block * (end - start),
+                span, cache_budget_bytes=cache_budget_bytes, kv_bytes_per_token_per_block=per_block,
                 hidden_size=info.hidden_size, dtype=dtype,
             )
             for span, (start, end) in zip(self.spans, spans, strict=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,12 +64,22 @@ def load_model_info(model: str | Path | ModelSource | None = None) -> ModelInfo:
 
 def load_block_span(
     info: ModelInfo, start: int, end: int, *, dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None,
 ) -> torch.nn.Module:
-    """Blocks [start, end) with their weights, and no other block's weights ever read."""
+    """Blocks [start, end) with their weights, and no other block's weights ever read.
+
+    `progress(block_index)` is called after each block's tensors are read (for a progress bar).
+    """
     if not 0 <= start < end <= info.num_blocks:
         raise ConfigError(f"blocks {start}:{end} are outside the model's 0:{info.num_blocks}")
-    weights = info.reader.load(lambda name: info.adapter.is_block_tensor(name, start, end), dtype=dtype, device=device)
+    weights: dict[str, torch.Tensor] = {}
+    for block in range(start, end):
+        weights.update(
+            info.reader.load(lambda name, b=block: info.adapter.is_block_tensor(name, b, b + 1), dtype=dtype,
+                             device=device)
+        )
+        if progress is not None:
+            progress(block)
     return info.adapter.build_span(info.config, start, end, weights)
 
 

@@ -125,16 +125,17 @@ class SessionManager:
         span: torch.nn.Module,
         *,
         cache_budget_bytes: int,
-        kv_bytes_per_token: int,
+        kv_bytes_per_token_per_block: int,
         hidden_size: int,
         dtype: torch.dtype,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`kv_bytes_per_token` covers all hosted blocks (per-block bytes x number of blocks)."""
+        """`span` is the hosted span; sessions may run a sub-span of it (`open(..., span=...)`)."""
         self.span = span
         self.cache_budget_bytes = cache_budget_bytes
-        self.kv_bytes_per_token = kv_bytes_per_token
+        self.kv_bytes_per_token_per_block = kv_bytes_per_token_per_block
+        self.kv_bytes_per_token = kv_bytes_per_token_per_block * _num_blocks(span)
         self.hidden_size = hidden_size
         self.dtype = dtype
         self.idle_timeout_s = idle_timeout_s
@@ -155,8 +156,11 @@ class SessionManager:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def open(self, max_length: int, *, batch_size: int = 1, session_id: str | None = None) -> InferenceSession:
-        """Reserve cache for `batch_size` x `max_length` tokens.
+    def open(
+        self, max_length: int, *, batch_size: int = 1, session_id: str | None = None,
+        span: torch.nn.Module | None = None,
+    ) -> InferenceSession:
+        """Reserve cache for `batch_size` x `max_length` tokens over `span` (default: the whole hosted span).
 
         Raises:
             OutOfCacheMemoryError: the reservation does not fit in what is left of the budget.
@@ -164,7 +168,8 @@ class SessionManager:
         """
         if max_length < 1 or batch_size < 1:
             raise BadRequestError(f"max_length and batch_size must be positive, got {max_length}, {batch_size}")
-        need = max_length * batch_size * self.kv_bytes_per_token
+        span = span if span is not None else self.span
+        need = max_length * batch_size * self.kv_bytes_per_token_per_block * _num_blocks(span)
         with self._lock:
             free = self.cache_budget_bytes - self.used_bytes
             if need > free:
@@ -176,7 +181,7 @@ class SessionManager:
             if session_id in self._sessions:
                 raise BadRequestError(f"session id {session_id!r} is already open")
             session = InferenceSession(
-                session_id=session_id, span=self.span, max_length=max_length, batch_size=batch_size,
+                session_id=session_id, span=span, max_length=max_length, batch_size=batch_size,
                 reserved_bytes=need, hidden_size=self.hidden_size, dtype=self.dtype, last_used=self._clock(),
             )
             self._sessions[session_id] = session
@@ -207,3 +212,7 @@ class SessionManager:
     def close_all(self) -> None:
         for session_id in list(self._sessions):
             self.close(session_id)
+
+
+def _num_blocks(span: torch.nn.Module) -> int:
+    return int(span.end - span.start)

@@ -1,1 +1,38 @@
-"""petalnode.node."""
+"""The daemon (bootstrap and server roles), the swarm client, and the pure policies they share."""
+
+from petalnode.node._bans import BanList
+from petalnode.node._block_server import BlockServer, HostedSpan
+from petalnode.node._executor import PRIORITY_BULK, PRIORITY_INFERENCE, ComputeExecutor
+from petalnode.node._local_swarm import LocalSwarm, parse_span
+from petalnode.node._node import DEFAULT_RECORD_TTL_S, Node, NodeState, ServeOptions
+from petalnode.node._placement import choose_blocks, should_move
+from petalnode.node._remote_chain import RemoteBlockChain, RemoteChainSession
+from petalnode.node._routing import RouteHop, choose_route, route_cost_s
+from petalnode.node._swarm import fetch_swarm
+from petalnode.node._swarm_view import ServerView, SwarmView, describe_runs
+
+__all__ = [
+    "DEFAULT_RECORD_TTL_S",
+    "PRIORITY_BULK",
+    "PRIORITY_INFERENCE",
+    "BanList",
+    "BlockServer",
+    "ComputeExecutor",
+    "HostedSpan",
+    "LocalSwarm",
+    "Node",
+    "NodeState",
+    "RemoteBlockChain",
+    "RemoteChainSession",
+    "RouteHop",
+    "ServeOptions",
+    "ServerView",
+    "SwarmView",
+    "choose_blocks",
+    "choose_route",
+    "describe_runs",
+    "fetch_swarm",
+    "parse_span",
+    "route_cost_s",
+    "should_move",
+]

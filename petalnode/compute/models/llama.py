@@ -68,11 +68,21 @@ class LlamaBlockSpan(nn.Module):
 
     def __init__(self, config: PretrainedConfig, start: int, end: int, layers: nn.ModuleList, rotary: nn.Module):
         super().__init__()
+        self._full_config = config
         self.config = span_config(config, start, end)
         self.start, self.end = start, end
         self.layers = layers
         self.rotary_emb = rotary
         self.mask_kinds = _mask_kinds(config)[start:end]
+
+    def subspan(self, start: int, end: int) -> LlamaBlockSpan:
+        """A view of blocks [start, end) sharing this span's layers (no weights copied)."""
+        if not self.start <= start < end <= self.end:
+            raise ConfigError(f"blocks {start}:{end} are not inside the hosted {self.start}:{self.end}")
+        if (start, end) == (self.start, self.end):
+            return self
+        layers = nn.ModuleList(self.layers[start - self.start : end - self.start])
+        return LlamaBlockSpan(self._full_config, start, end, layers, self.rotary_emb)
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.config)

@@ -1,0 +1,143 @@
+"""`petalnode bootstrap` and `petalnode join`: run a node until Ctrl-C / SIGTERM, then leave cleanly."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from petalnode.errors import ConfigError
+
+
+def add_daemon_parsers(commands: argparse._SubParsersAction) -> None:
+    boot = commands.add_parser("bootstrap", help="run a DHT-only node that others join")
+    boot.add_argument("--listen", default="0.0.0.0:31337", help="HOST:PORT to listen on (TCP and UDP)")
+    _common(boot)
+    boot.set_defaults(run=run_bootstrap)
+
+    join = commands.add_parser("join", help="donate this machine: serve blocks of a model to a swarm")
+    join.add_argument("--bootstrap", action="append", default=[], required=True, metavar="ADDR",
+                      help="address of a peer in the swarm (repeatable), e.g. tcp://203.0.113.5:31337/<peer id>")
+    join.add_argument("--vram", default=None, help="memory budget for weights and cache, e.g. 512M, 8G, 1.5GiB")
+    join.add_argument("--model", default=None, help="local model directory or id (default: SmolLM2-135M-Instruct)")
+    group = join.add_mutually_exclusive_group()
+    group.add_argument("--num-blocks", type=int, default=None, help="how many blocks to host (placement picks)")
+    group.add_argument("--blocks", default=None, help="host exactly these blocks, START:END (e.g. 10:20)")
+    join.add_argument("--listen", default="0.0.0.0:0", help="HOST:PORT to listen on (port 0: any free port)")
+    join.add_argument("--public-name", default=None, help="a name shown in `petalnode status`")
+    join.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: bf16/fp16 on GPU, measured on CPU)")
+    join.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    join.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    _common(join)
+    join.set_defaults(run=run_join)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--announce-host", default=None, help="host/IP others should dial (default: detected)")
+    parser.add_argument("--identity", default=None, type=Path,
+                        help="key file to keep the same peer id across restarts (created if missing)")
+    parser.add_argument("--record-ttl", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--ready-file", default=None, type=Path, help=argparse.SUPPRESS)
+
+
+def _split_listen(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--listen must be HOST:PORT, e.g. 0.0.0.0:31337, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _node_kwargs(args: argparse.Namespace) -> dict:
+    from petalnode.identity import Identity
+    from petalnode.node import DEFAULT_RECORD_TTL_S
+
+    host, port = _split_listen(args.listen)
+    identity = Identity.load_or_create(args.identity) if args.identity else Identity.generate()
+    return dict(identity=identity, listen_host=host, listen_port=port, announce_host=args.announce_host,
+                record_ttl_s=args.record_ttl or DEFAULT_RECORD_TTL_S)
+
+
+async def _serve_until_stopped(node, on_ready) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await node.start()
+        on_ready(node)
+        await stop.wait()
+        print("petalnode: shutting down (announcing offline)...", file=sys.stderr, flush=True)
+    finally:
+        await node.aclose()
+
+
+def _write_ready(path: Path | None, payload: dict) -> None:
+    if path is None:
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+
+def run_bootstrap(args: argparse.Namespace) -> int:
+    from petalnode.node import Node
+
+    node = Node(**_node_kwargs(args))
+
+    def ready(node: Node) -> None:
+        print(str(node.address), flush=True)
+        print(f"petalnode: bootstrap running. Others join with:\n  petalnode join --bootstrap {node.address}",
+              file=sys.stderr, flush=True)
+        _write_ready(args.ready_file, {"address": str(node.address)})
+
+    asyncio.run(_serve_until_stopped(node, ready))
+    return 0
+
+
+def run_join(args: argparse.Namespace) -> int:
+    from petalnode.compute import configure_threads, parse_size
+    from petalnode.node import Node, ServeOptions, parse_span
+
+    vram = parse_size(args.vram) if args.vram else None
+    blocks = parse_span(args.blocks) if args.blocks else None
+    if args.num_blocks is not None and args.num_blocks < 1:
+        raise ConfigError("--num-blocks must be at least 1")
+    configure_threads(args.threads)
+    progress_bar = _ProgressBar()
+    options = ServeOptions(model=args.model, vram_bytes=vram, num_blocks=args.num_blocks, blocks=blocks,
+                           public_name=args.public_name, dtype=args.dtype, device=args.device)
+    node = Node(**_node_kwargs(args), bootstrap=args.bootstrap, serve=options, progress=progress_bar.update)
+
+    def ready(node: Node) -> None:
+        progress_bar.close()
+        hosted = node.hosted
+        print(f"petalnode: serving blocks {hosted.start}:{hosted.end} of {hosted.model} at {node.address} "
+              f"({hosted.throughput:.0f} steps/s per block). Ctrl-C to leave.", file=sys.stderr, flush=True)
+        _write_ready(args.ready_file, {"address": str(node.address), "start": hosted.start, "end": hosted.end})
+
+    asyncio.run(_serve_until_stopped(node, ready))
+    return 0
+
+
+class _ProgressBar:
+    """A tqdm bar for block loading, created on first use."""
+
+    def __init__(self) -> None:
+        self._bar = None
+
+    def update(self, label: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self._bar is None:
+            self._bar = tqdm(total=total, desc=f"petalnode: {label}", unit="block", file=sys.stderr)
+        self._bar.n = done
+        self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

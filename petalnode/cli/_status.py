@@ -1,0 +1,62 @@
+"""`petalnode status`: the swarm of a model as a table, and whether it is servable."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from petalnode.errors import DHTError
+
+
+def add_status_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("status", help="show which servers host which blocks of a model")
+    parser.add_argument("--bootstrap", action="append", default=[], required=True, metavar="ADDR")
+    parser.add_argument("--model", default=None, help="local model directory or id (default: SmolLM2-135M-Instruct)")
+    parser.set_defaults(run=run_status)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from petalnode.compute import load_model_info
+
+    info = load_model_info(args.model)
+    view = asyncio.run(_fetch(args.bootstrap, info.source.name, info.num_blocks))
+    print(render_status(view, info.source.name, args.bootstrap[0]))
+    return 0 if not view.uncovered_blocks() else 1
+
+
+async def _fetch(bootstrap: list[str], model: str, num_blocks: int):
+    from petalnode.dht import DHTNode
+    from petalnode.identity import Identity, PeerAddress
+    from petalnode.node import fetch_swarm
+
+    addresses = [PeerAddress.parse(a) for a in bootstrap]
+    async with DHTNode(Identity.generate(), client_mode=True) as dht:
+        try:
+            await dht.bootstrap([(a.host, a.port) for a in addresses])
+        except DHTError as e:
+            raise DHTError(f"no peers reachable at the bootstrap address ({', '.join(bootstrap)}): {e}. "
+                           "Check that a bootstrap or server is running there.") from e
+        return await fetch_swarm(dht, model, num_blocks)
+
+
+def render_status(view, model: str, bootstrap: str) -> str:
+    from petalnode.node import describe_runs
+
+    rows = [("blocks", "peer", "state", "steps/s/block", "cache tokens", "name", "address")]
+    for server in sorted(view.servers.values(), key=lambda s: (s.start, s.end, str(s.peer_id))):
+        rows.append((
+            f"{server.start}-{server.end - 1}", str(server.peer_id)[:12], server.state.name.lower(),
+            f"{server.throughput:.0f}", str(server.cache_tokens_left), server.public_name or "-",
+            server.addresses[0] if server.addresses else "-",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [f"model {model}: {view.num_blocks} blocks, {len(view.servers)} servers"]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    missing = view.uncovered_blocks()
+    if missing:
+        first = missing[0]
+        lines.append(f"NOT SERVABLE: {describe_runs(missing)} of {model} have no online server; start one with:")
+        lines.append(f"  petalnode join --bootstrap {bootstrap} --model {model} --blocks {first[0]}:{first[1]}")
+    else:
+        lines.append("servable: every block has at least one online server")
+    return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""Serving a loaded span of blocks over RPC: inference streams, stateless forward passes, and info.
+
+Invariants:
+- Every request is checked before any compute: model name, block range inside the hosted span, tensor shape
+  and size. Bad requests get `BadRequestError`; a full cache gets `OutOfCacheMemoryError`; a full compute
+  queue gets `BusyError`. None of them costs the server anything but the reply.
+- A session lives exactly as long as its stream: when the client closes it, vanishes, or the stream fails,
+  the session's cache is freed. Sessions idle past the idle timeout are closed by the owner's upkeep task.
+- Compute runs on the `ComputeExecutor` thread; this module only awaits it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from petalnode import __version__
+from petalnode.codecs import TensorCodec
+from petalnode.compute import SessionManager
+from petalnode.errors import BadRequestError, ComputeError, InvalidStateError
+from petalnode.node._executor import PRIORITY_BULK, PRIORITY_INFERENCE, ComputeExecutor
+from petalnode.node._protocol import (
+    ForwardRequest,
+    ForwardResult,
+    InferenceOpened,
+    InferenceResult,
+    InferenceStep,
+    InfoRequest,
+    OpenInference,
+    ServerInfo,
+)
+from petalnode.transport import RPC, CallContext, RPCStream
+
+log = logging.getLogger(__name__)
+
+# Largest number of positions one forward pass may carry (batch x sequence), to bound a request's memory.
+MAX_FORWARD_TOKENS = 8192
+FIRST_MESSAGE_TIMEOUT_S = 10.0
+
+
+@dataclass
+class HostedSpan:
+    model: str
+    start: int
+    end: int
+    span: torch.nn.Module
+    hidden_size: int
+    dtype: torch.dtype
+    throughput: float
+
+
+class BlockServer:
+    """RPC handlers for one hosted span."""
+
+    def __init__(self, hosted: HostedSpan, sessions: SessionManager, executor: ComputeExecutor) -> None:
+        self.hosted = hosted
+        self.sessions = sessions
+        self.executor = executor
+        self.steps_served = 0
+
+    def register(self, rpc: RPC) -> None:
+        rpc.add_stream_handler("inference", self.rpc_inference, request_type=(OpenInference, InferenceStep))
+        rpc.add_unary_handler("forward", self.rpc_forward, request_type=ForwardRequest)
+        rpc.add_unary_handler("info", self.rpc_info, request_type=InfoRequest)
+
+    def _check_range(self, model: str, start: int, end: int) -> torch.nn.Module:
+        hosted = self.hosted
+        if model != hosted.model:
+            raise BadRequestError(f"this server hosts model {hosted.model!r}, not {model!r}")
+        if not hosted.start <= start < end <= hosted.end:
+            raise BadRequestError(f"blocks {start}:{end} are not inside the hosted {hosted.start}:{hosted.end}")
+        return hosted.span.subspan(start, end)
+
+    def _check_hidden(self, hidden: torch.Tensor, batch_size: int | None = None) -> None:
+        if hidden.ndim != 3 or hidden.shape[-1] != self.hosted.hidden_size or not hidden.is_floating_point():
+            raise BadRequestError(
+                f"hidden states must be float [batch, seq, {self.hosted.hidden_size}], got "
+                f"{tuple(hidden.shape)} {hidden.dtype}"
+            )
+        if hidden.shape[0] * hidden.shape[1] > MAX_FORWARD_TOKENS:
+            raise BadRequestError(f"at most {MAX_FORWARD_TOKENS} positions per request, got {hidden.shape[:2]}")
+        if batch_size is not None and hidden.shape[0] > batch_size:
+            raise BadRequestError(f"batch {hidden.shape[0]} exceeds the session's batch size {batch_size}")
+
+    async def rpc_info(self, request: InfoRequest, context: CallContext) -> ServerInfo:
+        hosted = self.hosted
+        return ServerInfo(
+            model=hosted.model, start_block=hosted.start, end_block=hosted.end, throughput=hosted.throughput,
+            cache_tokens_left=self.sessions.free_tokens, sessions=len(self.sessions), version=__version__,
+        )
+
+    async def rpc_forward(self, request: ForwardRequest, context: CallContext) -> ForwardResult:
+        span = self._check_range(request.model, request.start_block, request.end_block)
+        hidden = request.hidden
+        self._check_hidden(hidden)
+
+        def run() -> torch.Tensor:
+            positions = torch.arange(hidden.shape[1])[None]
+            with torch.inference_mode():
+                return span.forward_span(hidden.to(self.hosted.dtype), None, positions)
+
+        return ForwardResult(hidden=await self.executor.run(run, priority=PRIORITY_BULK))
+
+    async def rpc_inference(self, stream: RPCStream, context: CallContext) -> None:
+        opening = await stream.receive(timeout_s=FIRST_MESSAGE_TIMEOUT_S)
+        if not isinstance(opening, OpenInference):
+            raise BadRequestError("an inference stream must start with OpenInference")
+        span = self._check_range(opening.model, opening.start_block, opening.end_block)
+        try:
+            reply_codec = TensorCodec(opening.reply_codec)
+        except ValueError:
+            raise BadRequestError(f"unknown reply codec {opening.reply_codec!r}") from None
+        session = self.sessions.open(opening.max_length, batch_size=opening.batch_size, span=span)
+        log.info("session %s from %s: blocks %d:%d, max_length %d", session.session_id, context.remote_peer_id,
+                 opening.start_block, opening.end_block, opening.max_length)
+        try:
+            await stream.send(InferenceOpened(session_id=session.session_id, max_length=session.max_length))
+            while True:
+                step = await stream.receive(timeout_s=self.sessions.idle_timeout_s)
+                if not isinstance(step, InferenceStep):
+                    raise BadRequestError("expected InferenceStep")
+                self._check_hidden(step.hidden, opening.batch_size)
+                self.sessions.get(session.session_id)  # touch: the session is in use
+
+                def run(step: InferenceStep = step) -> torch.Tensor:
+                    return session.step(step.hidden, start_position=step.start_position)
+
+                try:
+                    hidden = await self.executor.run(run, priority=PRIORITY_INFERENCE)
+                except (ComputeError, InvalidStateError) as e:
+                    raise BadRequestError(str(e)) from e
+                self.steps_served += 1
+                await stream.send(InferenceResult(hidden=hidden, position=session.position), tensor_codec=reply_codec)
+        finally:
+            self.sessions.close(session.session_id)

@@ -1,0 +1,380 @@
+"""The daemon: one event loop wiring identity, transport + RPC, DHT, and (for servers) a hosted span.
+
+Roles: with `serve=None` the node is a bootstrap (DHT and RPC only); with `ServeOptions` it also picks blocks,
+loads them and serves them. A client is a `RemoteBlockChain` (see `_remote_chain.py`), not a `Node`.
+
+Start sequence of a server (each step logged):
+  listen (TCP and the DHT's UDP on the same port number, so one address names both) -> join the DHT ->
+  choose blocks (pure placement policy over the announced swarm) -> announce JOINING -> wait a random jitter
+  and re-check the choice (servers that start together spread out) -> load only those blocks -> measure
+  throughput (cached) -> announce ONLINE and refresh every ttl/2 -> serve.
+`aclose()` announces OFFLINE (bounded in time), stops serving, and releases everything; it is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import random
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from petalnode import __version__
+from petalnode.compute import (
+    DEFAULT_CACHE_TOKENS_PER_BLOCK,
+    ModelInfo,
+    SessionManager,
+    choose_device,
+    choose_dtype,
+    format_size,
+    load_block_span,
+    load_model_info,
+    plan_blocks,
+)
+from petalnode.dht import Announcement, DHTNode, ServerState
+from petalnode.errors import ClosedResourceError, ConfigError, DHTError, InvalidStateError, OutOfCacheMemoryError
+from petalnode.identity import Identity, PeerAddress
+from petalnode.node._block_server import BlockServer, HostedSpan
+from petalnode.node._executor import ComputeExecutor
+from petalnode.node._placement import choose_blocks
+from petalnode.node._swarm import fetch_swarm
+from petalnode.node._throughput import cached_block_throughput
+from petalnode.transport import RPC, TcpTransport
+
+log = logging.getLogger(__name__)
+
+# Announcements live this long unless refreshed (refresh every ttl/2): a crashed server vanishes within it.
+DEFAULT_RECORD_TTL_S = 60.0
+OFFLINE_ANNOUNCE_TIMEOUT_S = 3.0
+IDLE_SWEEP_PERIOD_S = 5.0
+JOIN_RECHECKS = 2
+_PORT_ATTEMPTS = 8
+
+
+class NodeState(enum.Enum):
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What a server hosts and with how much memory.
+
+    Args:
+        model: local model directory or id (default model when None).
+        vram_bytes: memory budget for weights + KV cache (+ working memory); None: just what the chosen
+            blocks need plus the default cache reserve.
+        num_blocks: host this many blocks (placement chooses which); None: as many as the budget allows.
+        blocks: host exactly [start, end) (no automatic placement).
+        join_jitter_s: upper bound of the random wait between announcing JOINING and re-checking placement.
+    """
+
+    model: str | None = None
+    vram_bytes: int | None = None
+    num_blocks: int | None = None
+    blocks: tuple[int, int] | None = None
+    public_name: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+    cache_tokens_per_block: int = DEFAULT_CACHE_TOKENS_PER_BLOCK
+    idle_timeout_s: float = 300.0
+    join_jitter_s: float = 1.0
+    seed: int | None = None
+
+
+class Node:
+    """A petalnode daemon (bootstrap or server) in the caller's event loop."""
+
+    def __init__(
+        self,
+        identity: Identity | None = None,
+        *,
+        listen_host: str = "127.0.0.1",
+        listen_port: int = 0,
+        announce_host: str | None = None,
+        bootstrap: Sequence[str | PeerAddress] = (),
+        serve: ServeOptions | None = None,
+        record_ttl_s: float = DEFAULT_RECORD_TTL_S,
+        progress: Callable[[str, int, int], None] | None = None,
+    ) -> None:
+        self.identity = identity or Identity.generate()
+        self.listen_host = listen_host
+        self.listen_port = listen_port
+        self.bootstrap_addresses = [a if isinstance(a, PeerAddress) else PeerAddress.parse(a) for a in bootstrap]
+        self.serve_options = serve
+        self.record_ttl_s = record_ttl_s
+        self._announce_host = announce_host
+        self._progress = progress
+        self._state = NodeState.NEW
+        self._transport: TcpTransport | None = None
+        self._rpc: RPC | None = None
+        self._dht: DHTNode | None = None
+        self._executor: ComputeExecutor | None = None
+        self._sessions: SessionManager | None = None
+        self._server: BlockServer | None = None
+        self._refresh = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._address: PeerAddress | None = None
+        self.model_info: ModelInfo | None = None
+        self.hosted: HostedSpan | None = None
+
+    # -- properties ---------------------------------------------------------------------------------------
+    @property
+    def state(self) -> NodeState:
+        return self._state
+
+    @property
+    def address(self) -> PeerAddress:
+        """The full address to give to others: scheme, host, port and peer id."""
+        if self._address is None:
+            raise InvalidStateError(f'node has no address in state "{self._state.value}"')
+        return self._address
+
+    @property
+    def dht(self) -> DHTNode:
+        if self._dht is None:
+            raise InvalidStateError(f'node has no DHT in state "{self._state.value}"')
+        return self._dht
+
+    @property
+    def rpc(self) -> RPC:
+        if self._rpc is None:
+            raise InvalidStateError(f'node has no RPC in state "{self._state.value}"')
+        return self._rpc
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Listen, join the DHT and (for servers) load and announce blocks.
+
+        Raises:
+            DHTError: no bootstrap peer answered. ConfigError / OutOfCacheMemoryError: bad serve options.
+        """
+        if self._state is NodeState.CLOSED:
+            raise ClosedResourceError("node is closed")
+        if self._state is not NodeState.NEW:
+            raise InvalidStateError(f'cannot start a node in state "{self._state.value}"')
+        self._state = NodeState.STARTING
+        try:
+            await self._listen()
+            if self.serve_options is not None:
+                await self._start_serving(self.serve_options)
+            self._state = NodeState.RUNNING
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _listen(self) -> None:
+        self._transport = TcpTransport(self.identity)
+        self._rpc = RPC(self._transport)
+        bootstrap = [(a.host, a.port) for a in self.bootstrap_addresses]
+        last_error: Exception | None = None
+        for _ in range(_PORT_ATTEMPTS if self.listen_port == 0 else 1):
+            listener = await self._rpc.listen(host=self.listen_host, port=self.listen_port)
+            port = listener.address.port
+            dht = DHTNode(self.identity, record_ttl_s=self.record_ttl_s)
+            try:
+                await dht.start(listen=(self.listen_host, port))
+            except OSError as e:  # UDP port taken by someone else: try another TCP port
+                last_error = e
+                await listener.aclose()
+                continue
+            self._dht = dht
+            break
+        else:
+            raise ConfigError(f"could not listen on UDP and TCP port {self.listen_port} of {self.listen_host}: "
+                              f"{last_error}")
+        host = self._announce_host or _announce_host_for(self.listen_host, self.bootstrap_addresses)
+        self._address = PeerAddress("tcp", host, port, self.identity.peer_id)
+        if bootstrap:
+            try:
+                await self._dht.bootstrap(bootstrap)
+            except DHTError as e:
+                names = ", ".join(str(a) for a in self.bootstrap_addresses)
+                raise DHTError(
+                    f"no peers reachable at the bootstrap address ({names}): {e}. Check that a bootstrap or "
+                    "server is running there (petalnode bootstrap) and that the address and port are right."
+                ) from e
+        log.info("node %s listening at %s", self.identity.peer_id, self._address)
+
+    async def _start_serving(self, options: ServeOptions) -> None:
+        rng = random.Random(options.seed)
+        info = await asyncio.to_thread(load_model_info, options.model)
+        self.model_info = info
+        model = info.source.name
+        device = choose_device(options.device)
+        dtype = choose_dtype(device, options.dtype)
+        count, cache_bytes = _plan(info, options, dtype)
+        start, end = await self._choose_window(info, options, count, rng)
+        announce = self._announcement_factory(model)
+        await self.dht.store_many(_keys(model, start, end), announce(ServerState.JOINING, start, end, 0.0, 0))
+        for _ in range(JOIN_RECHECKS if options.blocks is None and options.join_jitter_s > 0 else 0):
+            # Servers that start together all saw the same swarm; wait a little and look again. Twice, since a
+            # peer that announced after our first look is only seen at the second.
+            await asyncio.sleep(rng.uniform(0.5, 1.0) * options.join_jitter_s)
+            new_start, new_end = await self._choose_window(info, options, count, rng)
+            if (new_start, new_end) != (start, end):
+                log.info("placement changed after re-check: %d:%d -> %d:%d", start, end, new_start, new_end)
+                await self.dht.store_many(_keys(model, start, end),
+                                          announce(ServerState.OFFLINE, start, end, 0.0, 0))
+                start, end = new_start, new_end
+                await self.dht.store_many(_keys(model, start, end),
+                                          announce(ServerState.JOINING, start, end, 0.0, 0))
+        log.info("loading blocks %d:%d of %s (%s, %s)", start, end, model, device, dtype)
+        progress = self._progress
+
+        def load() -> torch.nn.Module:
+            def tick(block: int) -> None:
+                if progress is not None:
+                    progress("loading blocks", block - start + 1, end - start)
+
+            return load_block_span(info, start, end, dtype=dtype, device=device, progress=tick)
+
+        span = await asyncio.to_thread(load)
+        throughput_key = f"{model}|{device}|{dtype}|threads={torch.get_num_threads()}"
+        throughput = await asyncio.to_thread(cached_block_throughput, throughput_key, span, info.hidden_size, dtype)
+        self._executor = ComputeExecutor()
+        self._sessions = SessionManager(
+            span, cache_budget_bytes=cache_bytes, kv_bytes_per_token_per_block=info.kv_bytes_per_token_per_block(dtype),
+            hidden_size=info.hidden_size, dtype=dtype, idle_timeout_s=options.idle_timeout_s,
+            clock=asyncio.get_running_loop().time,
+        )
+        self.hosted = HostedSpan(model=model, start=start, end=end, span=span, hidden_size=info.hidden_size,
+                                 dtype=dtype, throughput=throughput)
+        self._server = BlockServer(self.hosted, self._sessions, self._executor)
+        self._server.register(self.rpc)
+        sessions = self._sessions
+        self._refresh = self.dht.start_refreshing(
+            _keys(model, start, end),
+            lambda: announce(ServerState.ONLINE, start, end, throughput, sessions.free_tokens),
+        )
+        self._spawn(self._sweep_idle_sessions())
+        log.info("serving blocks %d:%d of %s at %s (%.1f steps/s per block, cache for %d tokens)",
+                 start, end, model, self.address, throughput, sessions.free_tokens)
+
+    async def _choose_window(
+        self, info: ModelInfo, options: ServeOptions, count: int, rng: random.Random
+    ) -> tuple[int, int]:
+        if options.blocks is not None:
+            return options.blocks
+        view = await fetch_swarm(self.dht, info.source.name, info.num_blocks)
+        return choose_blocks(view, count, own_peer_id=self.identity.peer_id, rng=rng)
+
+    def _announcement_factory(self, model: str) -> Callable[[ServerState, int, int, float, int], bytes]:
+        options = self.serve_options
+        address = str(self.address)
+
+        def announce(state: ServerState, start: int, end: int, throughput: float, cache_tokens: int) -> bytes:
+            return Announcement(
+                state=state, model=model, start_block=start, end_block=end, throughput=float(throughput),
+                cache_tokens_left=int(cache_tokens), addresses=(address,), version=__version__,
+                public_name=options.public_name if options else None,
+            ).to_bytes()
+
+        return announce
+
+    async def _sweep_idle_sessions(self) -> None:
+        while True:
+            await asyncio.sleep(IDLE_SWEEP_PERIOD_S)
+            if self._sessions is not None:
+                for session_id in self._sessions.expire_idle():
+                    log.info("closed idle session %s", session_id)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def aclose(self) -> None:
+        """Announce OFFLINE, stop serving and release everything. Safe to call more than once."""
+        if self._state is NodeState.CLOSED:
+            return
+        self._state = NodeState.CLOSED
+        try:
+            if self._refresh is not None:
+                self._refresh.cancel()
+            if self.hosted is not None and self._dht is not None:
+                hosted = self.hosted
+                offline = self._announcement_factory(hosted.model)(ServerState.OFFLINE, hosted.start, hosted.end,
+                                                                    hosted.throughput, 0)
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(OFFLINE_ANNOUNCE_TIMEOUT_S):
+                        await self._dht.store_many(_keys(hosted.model, hosted.start, hosted.end), offline)
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            for task in list(self._tasks):
+                with contextlib.suppress(BaseException):
+                    await task
+            if self._sessions is not None:
+                self._sessions.close_all()
+            if self._rpc is not None:
+                await self._rpc.aclose()
+            if self._transport is not None:
+                await self._transport.aclose()
+            if self._dht is not None:
+                await self._dht.aclose()
+            if self._executor is not None:
+                self._executor.close()
+
+
+def _keys(model: str, start: int, end: int) -> list[str]:
+    from petalnode.dht import block_key
+
+    return [block_key(model, block) for block in range(start, end)]
+
+
+def _plan(info: ModelInfo, options: ServeOptions, dtype: torch.dtype) -> tuple[int, int]:
+    """(number of blocks, cache budget bytes) for these options."""
+    per_block = info.block_weight_bytes(0, dtype)
+    kv = info.kv_bytes_per_token_per_block(dtype)
+    activations = info.activation_bytes(dtype)
+    if options.blocks is not None:
+        start, end = options.blocks
+        if not 0 <= start < end <= info.num_blocks:
+            raise ConfigError(f"--blocks {start}:{end} is outside the model's 0:{info.num_blocks}")
+        wanted = end - start
+    else:
+        wanted = options.num_blocks
+        if wanted is not None and not 1 <= wanted <= info.num_blocks:
+            raise ConfigError(f"--num-blocks must be between 1 and {info.num_blocks}, got {wanted}")
+    if options.vram_bytes is None:
+        count = wanted or info.num_blocks
+        return count, count * options.cache_tokens_per_block * kv
+    plan = plan_blocks(
+        options.vram_bytes, block_weight_bytes=per_block, kv_bytes_per_token_per_block=kv,
+        total_blocks=info.num_blocks, activation_bytes=activations,
+        cache_tokens_per_block=options.cache_tokens_per_block,
+    )
+    if wanted is not None and wanted > plan.num_blocks:
+        need = wanted * (per_block + options.cache_tokens_per_block * kv) + activations
+        raise OutOfCacheMemoryError(
+            f"{wanted} blocks of {info.source.name} need about {format_size(need)} but --vram gives "
+            f"{format_size(options.vram_bytes)} (room for {plan.num_blocks}); raise --vram or host fewer blocks"
+        )
+    count = wanted or plan.num_blocks
+    return count, options.vram_bytes - activations - count * per_block
+
+
+def _announce_host_for(listen_host: str, bootstrap: Sequence[PeerAddress]) -> str:
+    """The address others should dial: the listen host, or for a wildcard the source IP towards a bootstrap."""
+    if listen_host not in ("0.0.0.0", "::", ""):
+        return listen_host
+    for peer in bootstrap:
+        with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((peer.host, peer.port))  # UDP connect sends nothing; it only picks a route
+            return probe.getsockname()[0]
+    return "127.0.0.1"
