@@ -27,6 +27,8 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
                         help="run the blocks in this process instead of a swarm (debugging)")
     parser.add_argument("--codec", default="raw", choices=["raw", "fp16", "bf16", "int8"],
                         help="how hidden states travel between peers (default raw: lossless)")
+    parser.add_argument("--wait-for-blocks", type=float, default=60.0, metavar="SECONDS",
+                        help="how long to wait for servers when some blocks have none (default 60)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.set_defaults(run=run_generate)
 
@@ -52,7 +54,8 @@ def run_generate(args: argparse.Namespace) -> int:
             bootstrap = args.bootstrap
             if not bootstrap:
                 bootstrap = [_start_local_swarm(stack, args, info)]
-            chain = RemoteBlockChain.connect(info, bootstrap=bootstrap, codec=TensorCodec(args.codec))
+            chain = RemoteBlockChain.connect(info, bootstrap=bootstrap, codec=TensorCodec(args.codec),
+                                             wait_for_blocks_s=args.wait_for_blocks)
             stack.callback(chain.close)
             model = AutoDistributedModelForCausalLM.from_pretrained(info.source, chain=chain)
         return _generate(model, info, args)
@@ -102,10 +105,14 @@ def _generate(model, info, args: argparse.Namespace) -> int:
         options.update(temperature=None, top_p=None, top_k=None)
     streamer = TextStreamer(tokenizer, skip_prompt=args.chat, skip_special_tokens=True)
     if not args.chat:
-        print(args.prompt, end="", flush=True)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     started = time.perf_counter()
-    output = model.generate(input_ids, streamer=streamer, pad_token_id=tokenizer.eos_token_id, **options)
+    with model.inference_session(max_length=input_ids.shape[1] + args.max_new_tokens):
+        # The session is open (every route found, caches reserved) before the prompt is echoed, so a failure
+        # to find servers does not leave half a line on the terminal.
+        if not args.chat:
+            print(args.prompt, end="", flush=True)
+        output = model.generate(input_ids, streamer=streamer, pad_token_id=tokenizer.eos_token_id, **options)
     elapsed = time.perf_counter() - started
     new_tokens = output.shape[1] - input_ids.shape[1]
     print(f"petalnode: {new_tokens} tokens in {elapsed:.1f} s ({new_tokens / elapsed:.1f} tokens/s)",

@@ -257,6 +257,9 @@ class Node:
         self._server = BlockServer(self.hosted, self._sessions, self._executor)
         self._server.register(self.rpc)
         sessions = self._sessions
+        # Announce ONLINE before start() returns, so "started" means "findable"; then refresh every ttl/2.
+        await self.dht.store_many(_keys(model, start, end),
+                                  announce(ServerState.ONLINE, start, end, throughput, sessions.free_tokens))
         self._refresh = self.dht.start_refreshing(
             _keys(model, start, end),
             lambda: announce(ServerState.ONLINE, start, end, throughput, sessions.free_tokens),

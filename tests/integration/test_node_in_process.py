@@ -1,0 +1,108 @@
+"""`petalnode.node.Node` embedded in a program's own event loop: a bootstrap, two servers and a client."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from petalnode.client import AutoDistributedModelForCausalLM
+from petalnode.compute import load_model_info
+from petalnode.dht import ServerState
+from petalnode.errors import BadRequestError, OutOfCacheMemoryError
+from petalnode.identity import PeerAddress
+from petalnode.node import Node, RemoteBlockChain, ServeOptions, fetch_swarm
+from petalnode.node._protocol import InferenceStep, OpenInference
+
+pytestmark = pytest.mark.integration
+
+
+async def _start_swarm(model_dir: Path, spans: list[tuple[int, int]], **serve) -> tuple[Node, list[Node]]:
+    bootstrap = Node()
+    await bootstrap.start()
+    servers = []
+    for start, end in spans:
+        server = Node(bootstrap=[bootstrap.address], serve=ServeOptions(model=str(model_dir), blocks=(start, end),
+                                                                       **serve))
+        await server.start()
+        servers.append(server)
+    return bootstrap, servers
+
+
+async def _stop(*nodes: Node) -> None:
+    for node in nodes:
+        await node.aclose()
+
+
+async def test_library_swarm_generates_like_transformers(tiny_model_dir: Path) -> None:
+    bootstrap, servers = await _start_swarm(tiny_model_dir, [(0, 3), (3, 6)])
+    try:
+        info = load_model_info(tiny_model_dir)
+        view = await fetch_swarm(bootstrap.dht, info.source.name, info.num_blocks)
+        assert {(s.start, s.end, s.state) for s in view.servers.values()} == {
+            (0, 3, ServerState.ONLINE), (3, 6, ServerState.ONLINE)}
+
+        def generate() -> torch.Tensor:
+            model = AutoDistributedModelForCausalLM.from_pretrained(tiny_model_dir,
+                                                                    bootstrap=[str(bootstrap.address)])
+            try:
+                return model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=10, do_sample=False)
+            finally:
+                model.close()
+
+        ours = await asyncio.to_thread(generate)
+        reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        assert torch.equal(ours, reference.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=10, do_sample=False))
+    finally:
+        await _stop(*servers, bootstrap)
+    # Leaving announces OFFLINE: a fresh reader sees no online server.
+    assert all(node.state.value == "closed" for node in (*servers, bootstrap))
+
+
+async def test_server_rejects_bad_requests_and_keeps_serving(tiny_model_dir: Path) -> None:
+    bootstrap, servers = await _start_swarm(tiny_model_dir, [(0, 6)], cache_tokens_per_block=64)
+    server = servers[0]
+    address = server.address
+    model = server.hosted.model
+    try:
+        rpc = bootstrap.rpc
+
+        async def expect_error(opening: OpenInference, step: InferenceStep | None, error: type[Exception], match: str):
+            stream = await rpc.open_stream(address, "inference")
+            try:
+                await stream.send(opening)
+                if step is not None:
+                    await stream.receive()
+                    await stream.send(step)
+                with pytest.raises(error, match=match):
+                    await stream.receive(timeout_s=10)
+            finally:
+                await stream.aclose()
+
+        good = OpenInference(model=model, start_block=0, end_block=6, max_length=16)
+        await expect_error(OpenInference(model="other", start_block=0, end_block=6, max_length=8), None,
+                           BadRequestError, "hosts model")
+        await expect_error(OpenInference(model=model, start_block=2, end_block=9, max_length=8), None,
+                           BadRequestError, "not inside")
+        await expect_error(OpenInference(model=model, start_block=0, end_block=6, max_length=4096), None,
+                           OutOfCacheMemoryError, "KV cache")
+        await expect_error(good, InferenceStep(hidden=torch.zeros(1, 2, 63), start_position=0),
+                           BadRequestError, "hidden states")
+        await expect_error(good, InferenceStep(hidden=torch.zeros(1, 2, 64), start_position=5),
+                           BadRequestError, "position 5")
+        # Still serving, with all cache memory back.
+        assert server._sessions is not None and len(server._sessions) == 0
+        chain = await asyncio.to_thread(RemoteBlockChain.connect, load_model_info(tiny_model_dir),
+                                        bootstrap=[PeerAddress.parse(str(bootstrap.address))])
+        try:
+            session = await asyncio.to_thread(chain.open_session, 8)
+            out = await asyncio.to_thread(session.step, torch.randn(1, 3, 64))
+            assert out.shape == (1, 3, 64)
+            await asyncio.to_thread(session.close)
+        finally:
+            await asyncio.to_thread(chain.close)
+    finally:
+        await _stop(*servers, bootstrap)
