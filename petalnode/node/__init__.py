@@ -1,5 +1,6 @@
 """The daemon (bootstrap and server roles), the swarm client, and the pure policies they share."""
 
+from petalnode.node._backend import ComputeBackend, InlineExecutor, TorchBackend
 from petalnode.node._bans import BanList
 from petalnode.node._block_server import BlockServer, HostedSpan
 from petalnode.node._executor import PRIORITY_BULK, PRIORITY_INFERENCE, ComputeExecutor
@@ -9,6 +10,7 @@ from petalnode.node._placement import choose_blocks, should_move
 from petalnode.node._remote_chain import RemoteBlockChain, RemoteChainSession
 from petalnode.node._routing import RouteHop, choose_route, route_cost_s
 from petalnode.node._swarm import fetch_swarm
+from petalnode.node._swarm_client import SwarmClient, SwarmSession
 from petalnode.node._swarm_view import ServerView, SwarmView, describe_runs
 
 __all__ = [
@@ -17,8 +19,10 @@ __all__ = [
     "PRIORITY_INFERENCE",
     "BanList",
     "BlockServer",
+    "ComputeBackend",
     "ComputeExecutor",
     "HostedSpan",
+    "InlineExecutor",
     "LocalSwarm",
     "Node",
     "NodeState",
@@ -27,7 +31,10 @@ __all__ = [
     "RouteHop",
     "ServeOptions",
     "ServerView",
+    "SwarmClient",
+    "SwarmSession",
     "SwarmView",
+    "TorchBackend",
     "choose_blocks",
     "choose_route",
     "describe_runs",

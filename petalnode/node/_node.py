@@ -19,32 +19,23 @@ import enum
 import logging
 import random
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from petalnode import __version__
-from petalnode.compute import (
-    DEFAULT_CACHE_TOKENS_PER_BLOCK,
-    ModelInfo,
-    SessionManager,
-    choose_device,
-    choose_dtype,
-    format_size,
-    load_block_span,
-    load_model_info,
-    plan_blocks,
-)
+from petalnode.compute import DEFAULT_CACHE_TOKENS_PER_BLOCK, ModelInfo, SessionManager, format_size, plan_blocks
 from petalnode.dht import Announcement, DHTNode, ServerState
 from petalnode.errors import ClosedResourceError, ConfigError, DHTError, InvalidStateError, OutOfCacheMemoryError
 from petalnode.identity import Identity, PeerAddress
+from petalnode.node._backend import ComputeBackend, TorchBackend
 from petalnode.node._block_server import BlockServer, HostedSpan
-from petalnode.node._executor import ComputeExecutor
 from petalnode.node._placement import choose_blocks
 from petalnode.node._swarm import fetch_swarm
-from petalnode.node._throughput import cached_block_throughput
-from petalnode.transport import RPC, TcpTransport
+from petalnode.transport import RPC, TcpTransport, Transport
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +94,24 @@ class Node:
         serve: ServeOptions | None = None,
         record_ttl_s: float = DEFAULT_RECORD_TTL_S,
         progress: Callable[[str, int, int], None] | None = None,
+        transport: Transport | None = None,
+        endpoint_factory: Callable[..., Any] | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        compute: ComputeBackend | None = None,
+        dht_options: dict[str, Any] | None = None,
     ) -> None:
+        """Args (beyond the obvious):
+            transport: defaults to TCP; the simulator passes an in-memory transport.
+            endpoint_factory: how the DHT opens its datagram socket (default: real UDP).
+            wall_clock: absolute time for DHT record expiry (the simulator's virtual clock).
+            compute: where served blocks come from (default: real torch blocks).
+        """
         self.identity = identity or Identity.generate()
+        self._given_transport = transport
+        self._endpoint_factory = endpoint_factory
+        self._wall_clock = wall_clock
+        self.compute = compute or TorchBackend()
+        self._dht_options = dht_options or {}
         self.listen_host = listen_host
         self.listen_port = listen_port
         self.bootstrap_addresses = [a if isinstance(a, PeerAddress) else PeerAddress.parse(a) for a in bootstrap]
@@ -113,10 +120,10 @@ class Node:
         self._announce_host = announce_host
         self._progress = progress
         self._state = NodeState.NEW
-        self._transport: TcpTransport | None = None
+        self._transport: Transport | None = None
         self._rpc: RPC | None = None
         self._dht: DHTNode | None = None
-        self._executor: ComputeExecutor | None = None
+        self._executor: Any = None
         self._sessions: SessionManager | None = None
         self._server: BlockServer | None = None
         self._refresh = None
@@ -178,14 +185,15 @@ class Node:
             raise
 
     async def _listen(self) -> None:
-        self._transport = TcpTransport(self.identity)
+        self._transport = self._given_transport or TcpTransport(self.identity)
         self._rpc = RPC(self._transport)
         bootstrap = [(a.host, a.port) for a in self.bootstrap_addresses]
         last_error: Exception | None = None
         for _ in range(_PORT_ATTEMPTS if self.listen_port == 0 else 1):
             listener = await self._rpc.listen(host=self.listen_host, port=self.listen_port)
             port = listener.address.port
-            dht = DHTNode(self.identity, record_ttl_s=self.record_ttl_s)
+            dht = DHTNode(self.identity, record_ttl_s=self.record_ttl_s, endpoint_factory=self._endpoint_factory,
+                          wall_clock=self._wall_clock, **self._dht_options)
             try:
                 await dht.start(listen=(self.listen_host, port))
             except OSError as e:  # UDP port taken by someone else: try another TCP port
@@ -198,7 +206,7 @@ class Node:
             raise ConfigError(f"could not listen on UDP and TCP port {self.listen_port} of {self.listen_host}: "
                               f"{last_error}")
         host = self._announce_host or _announce_host_for(self.listen_host, self.bootstrap_addresses)
-        self._address = PeerAddress("tcp", host, port, self.identity.peer_id)
+        self._address = PeerAddress(listener.address.scheme, host, port, self.identity.peer_id)
         if bootstrap:
             try:
                 await self._dht.bootstrap(bootstrap)
@@ -212,11 +220,11 @@ class Node:
 
     async def _start_serving(self, options: ServeOptions) -> None:
         rng = random.Random(options.seed)
-        info = await asyncio.to_thread(load_model_info, options.model)
+        compute = self.compute
+        info = await compute.offload(lambda: compute.model_info(options.model))
         self.model_info = info
         model = info.source.name
-        device = choose_device(options.device)
-        dtype = choose_dtype(device, options.dtype)
+        device, dtype = compute.choose(options.device, options.dtype)
         count, cache_bytes = _plan(info, options, dtype)
         start, end = await self._choose_window(info, options, count, rng)
         announce = self._announcement_factory(model)
@@ -241,12 +249,11 @@ class Node:
                 if progress is not None:
                     progress("loading blocks", block - start + 1, end - start)
 
-            return load_block_span(info, start, end, dtype=dtype, device=device, progress=tick)
+            return compute.load_span(info, start, end, dtype=dtype, device=device, progress=tick)
 
-        span = await asyncio.to_thread(load)
-        throughput_key = f"{model}|{device}|{dtype}|threads={torch.get_num_threads()}"
-        throughput = await asyncio.to_thread(cached_block_throughput, throughput_key, span, info.hidden_size, dtype)
-        self._executor = ComputeExecutor()
+        span = await compute.offload(load)
+        throughput = await compute.offload(lambda: compute.throughput(info, span, dtype, device))
+        self._executor = compute.executor()
         self._sessions = SessionManager(
             span, cache_budget_bytes=cache_bytes, kv_bytes_per_token_per_block=info.kv_bytes_per_token_per_block(dtype),
             hidden_size=info.hidden_size, dtype=dtype, idle_timeout_s=options.idle_timeout_s,
