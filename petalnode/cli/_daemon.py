@@ -32,6 +32,8 @@ def add_daemon_parsers(commands: argparse._SubParsersAction) -> None:
     join.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: bf16/fp16 on GPU, measured on CPU)")
     join.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     join.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    join.add_argument("--rebalance-period", type=float, default=120.0, metavar="SECONDS",
+                      help="re-check placement about this often and move if the swarm clearly gains (0: never)")
     _common(join)
     join.set_defaults(run=run_join)
 
@@ -109,7 +111,8 @@ def run_join(args: argparse.Namespace) -> int:
     configure_threads(args.threads)
     progress_bar = _ProgressBar()
     options = ServeOptions(model=args.model, vram_bytes=vram, num_blocks=args.num_blocks, blocks=blocks,
-                           public_name=args.public_name, dtype=args.dtype, device=args.device)
+                           public_name=args.public_name, dtype=args.dtype, device=args.device,
+                           rebalance_period_s=args.rebalance_period or None)
     node = Node(**_node_kwargs(args), bootstrap=args.bootstrap, serve=options, progress=progress_bar.update)
 
     def ready(node: Node) -> None:

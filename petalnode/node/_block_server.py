@@ -11,6 +11,8 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -19,7 +21,7 @@ import torch
 from petalnode import __version__
 from petalnode.codecs import TensorCodec
 from petalnode.compute import SessionManager
-from petalnode.errors import BadRequestError, ComputeError, InvalidStateError
+from petalnode.errors import BadRequestError, BusyError, ComputeError, InvalidStateError
 from petalnode.node._executor import PRIORITY_BULK, PRIORITY_INFERENCE, ComputeExecutor
 from petalnode.node._protocol import (
     ForwardRequest,
@@ -59,6 +61,10 @@ class BlockServer:
         self.sessions = sessions
         self.executor = executor
         self.steps_served = 0
+        self._draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def register(self, rpc: RPC) -> None:
         rpc.add_stream_handler("inference", self.rpc_inference, request_type=(OpenInference, InferenceStep))
@@ -107,31 +113,64 @@ class BlockServer:
         opening = await stream.receive(timeout_s=FIRST_MESSAGE_TIMEOUT_S)
         if not isinstance(opening, OpenInference):
             raise BadRequestError("an inference stream must start with OpenInference")
+        if self._draining:
+            raise BusyError("server is leaving; use another server")
         span = self._check_range(opening.model, opening.start_block, opening.end_block)
         try:
             reply_codec = TensorCodec(opening.reply_codec)
         except ValueError:
             raise BadRequestError(f"unknown reply codec {opening.reply_codec!r}") from None
-        session = self.sessions.open(opening.max_length, batch_size=opening.batch_size, span=span)
+        # The manager that owns this session: after a move, old sessions finish on the old span.
+        sessions = self.sessions
+        session = sessions.open(opening.max_length, batch_size=opening.batch_size, span=span)
         log.info("session %s from %s: blocks %d:%d, max_length %d", session.session_id, context.remote_peer_id,
                  opening.start_block, opening.end_block, opening.max_length)
         try:
             await stream.send(InferenceOpened(session_id=session.session_id, max_length=session.max_length))
             while True:
-                step = await stream.receive(timeout_s=self.sessions.idle_timeout_s)
+                step = await stream.receive(timeout_s=sessions.idle_timeout_s)
                 if not isinstance(step, InferenceStep):
                     raise BadRequestError("expected InferenceStep")
+                if self._draining or sessions is not self.sessions:
+                    # Hand the session back: the client replays it elsewhere (no step is lost or half-done).
+                    raise BusyError("server is leaving or moving to other blocks; continue elsewhere")
                 self._check_hidden(step.hidden, opening.batch_size)
-                self.sessions.get(session.session_id)  # touch: the session is in use
+                sessions.get(session.session_id)  # touch: the session is in use
 
                 def run(step: InferenceStep = step) -> torch.Tensor:
                     return session.step(step.hidden, start_position=step.start_position)
 
+                self._in_flight += 1
+                self._idle.clear()
                 try:
-                    hidden = await self.executor.run(run, priority=PRIORITY_INFERENCE)
-                except (ComputeError, InvalidStateError) as e:
-                    raise BadRequestError(str(e)) from e
-                self.steps_served += 1
-                await stream.send(InferenceResult(hidden=hidden, position=session.position), tensor_codec=reply_codec)
+                    try:
+                        hidden = await self.executor.run(run, priority=PRIORITY_INFERENCE)
+                    except (ComputeError, InvalidStateError) as e:
+                        raise BadRequestError(str(e)) from e
+                    self.steps_served += 1
+                    await stream.send(InferenceResult(hidden=hidden, position=session.position),
+                                      tensor_codec=reply_codec)
+                finally:
+                    self._in_flight -= 1
+                    if not self._in_flight:
+                        self._idle.set()
         finally:
-            self.sessions.close(session.session_id)
+            sessions.close(session.session_id)
+
+    # -- leaving and moving -------------------------------------------------------------------------------
+    def start_draining(self) -> None:
+        """Refuse new sessions and hand existing ones back after their current step."""
+        self._draining = True
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no step is being computed or sent (bounded); True if it got there."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        return self._in_flight == 0
+
+    def replace_span(self, hosted: HostedSpan, sessions: SessionManager) -> SessionManager:
+        """Serve `hosted` from now on; sessions on the old span are handed back at their next step."""
+        old = self.sessions
+        self.hosted, self.sessions = hosted, sessions
+        return old

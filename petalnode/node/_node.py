@@ -33,8 +33,9 @@ from petalnode.errors import ClosedResourceError, ConfigError, DHTError, Invalid
 from petalnode.identity import Identity, PeerAddress
 from petalnode.node._backend import ComputeBackend, TorchBackend
 from petalnode.node._block_server import BlockServer, HostedSpan
-from petalnode.node._placement import choose_blocks
+from petalnode.node._placement import choose_blocks, should_move
 from petalnode.node._swarm import fetch_swarm
+from petalnode.node._swarm_view import SERVING_STATES
 from petalnode.transport import RPC, TcpTransport, Transport
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class ServeOptions:
         num_blocks: host this many blocks (placement chooses which); None: as many as the budget allows.
         blocks: host exactly [start, end) (no automatic placement).
         join_jitter_s: upper bound of the random wait between announcing JOINING and re-checking placement.
+        rebalance_period_s: how often (on average) to re-check placement; None disables moving.
+        drain_timeout_s: on leave or move, how long in-flight steps may take to finish before the cut.
     """
 
     model: str | None = None
@@ -77,6 +80,8 @@ class ServeOptions:
     cache_tokens_per_block: int = DEFAULT_CACHE_TOKENS_PER_BLOCK
     idle_timeout_s: float = 300.0
     join_jitter_s: float = 1.0
+    rebalance_period_s: float | None = 120.0
+    drain_timeout_s: float = 10.0
     seed: int | None = None
 
 
@@ -131,6 +136,9 @@ class Node:
         self._address: PeerAddress | None = None
         self.model_info: ModelInfo | None = None
         self.hosted: HostedSpan | None = None
+        self.reloads = 0  # how many times this node loaded blocks (1 at start, +1 per rebalancing move)
+        self._rng = random.Random()
+        self._plan_state: tuple[Any, Any, Any, int, int] | None = None
 
     # -- properties ---------------------------------------------------------------------------------------
     @property
@@ -236,12 +244,32 @@ class Node:
             new_start, new_end = await self._choose_window(info, options, count, rng)
             if (new_start, new_end) != (start, end):
                 log.info("placement changed after re-check: %d:%d -> %d:%d", start, end, new_start, new_end)
-                await self.dht.store_many(_keys(model, start, end),
-                                          announce(ServerState.OFFLINE, start, end, 0.0, 0))
+                old_keys = _keys(model, start, end)
                 start, end = new_start, new_end
-                await self.dht.store_many(_keys(model, start, end),
+                # The new announcement under every old and new key: readers drop it where it is out of range.
+                await self.dht.store_many(sorted(set(old_keys) | set(_keys(model, start, end))),
                                           announce(ServerState.JOINING, start, end, 0.0, 0))
-        log.info("loading blocks %d:%d of %s (%s, %s)", start, end, model, device, dtype)
+        self._executor = compute.executor()
+        self._rng = rng
+        self._plan_state = (info, device, dtype, cache_bytes, count)
+        hosted, sessions = await self._load(start, end)
+        self.hosted, self._sessions = hosted, sessions
+        self._server = BlockServer(hosted, sessions, self._executor)
+        self._server.register(self.rpc)
+        await self._announce_online(hosted, sessions)
+        self._spawn(self._sweep_idle_sessions())
+        if options.rebalance_period_s and options.blocks is None:
+            self._spawn(self._rebalance_loop(options.rebalance_period_s))
+        log.info("serving blocks %d:%d of %s at %s (%.1f steps/s per block, cache for %d tokens)",
+                 start, end, model, self.address, hosted.throughput, sessions.free_tokens)
+
+    async def _load(self, start: int, end: int) -> tuple[HostedSpan, SessionManager]:
+        """Load blocks [start, end), measure them, and give them a session manager with the cache budget."""
+        compute = self.compute
+        info, device, dtype, cache_bytes, _ = self._plan_state
+        options = self.serve_options
+        assert options is not None
+        log.info("loading blocks %d:%d of %s (%s, %s)", start, end, info.source.name, device, dtype)
         progress = self._progress
 
         def load() -> torch.nn.Module:
@@ -252,28 +280,77 @@ class Node:
             return compute.load_span(info, start, end, dtype=dtype, device=device, progress=tick)
 
         span = await compute.offload(load)
+        self.reloads += 1
         throughput = await compute.offload(lambda: compute.throughput(info, span, dtype, device))
-        self._executor = compute.executor()
-        self._sessions = SessionManager(
+        sessions = SessionManager(
             span, cache_budget_bytes=cache_bytes, kv_bytes_per_token_per_block=info.kv_bytes_per_token_per_block(dtype),
             hidden_size=info.hidden_size, dtype=dtype, idle_timeout_s=options.idle_timeout_s,
             clock=asyncio.get_running_loop().time,
         )
-        self.hosted = HostedSpan(model=model, start=start, end=end, span=span, hidden_size=info.hidden_size,
-                                 dtype=dtype, throughput=throughput)
-        self._server = BlockServer(self.hosted, self._sessions, self._executor)
-        self._server.register(self.rpc)
-        sessions = self._sessions
-        # Announce ONLINE before start() returns, so "started" means "findable"; then refresh every ttl/2.
-        await self.dht.store_many(_keys(model, start, end),
-                                  announce(ServerState.ONLINE, start, end, throughput, sessions.free_tokens))
-        self._refresh = self.dht.start_refreshing(
-            _keys(model, start, end),
-            lambda: announce(ServerState.ONLINE, start, end, throughput, sessions.free_tokens),
-        )
-        self._spawn(self._sweep_idle_sessions())
-        log.info("serving blocks %d:%d of %s at %s (%.1f steps/s per block, cache for %d tokens)",
-                 start, end, model, self.address, throughput, sessions.free_tokens)
+        hosted = HostedSpan(model=info.source.name, start=start, end=end, span=span, hidden_size=info.hidden_size,
+                            dtype=dtype, throughput=throughput)
+        return hosted, sessions
+
+    async def _announce_online(self, hosted: HostedSpan, sessions: SessionManager) -> None:
+        # Announce ONLINE before returning, so "started" means "findable"; then refresh every ttl/2.
+        announce = self._announcement_factory(hosted.model)
+        keys = _keys(hosted.model, hosted.start, hosted.end)
+
+        def current() -> bytes:
+            return announce(ServerState.ONLINE, hosted.start, hosted.end, hosted.throughput, sessions.free_tokens)
+
+        await self.dht.store_many(keys, current())
+        if self._refresh is not None:
+            self._refresh.cancel()
+        self._refresh = self.dht.start_refreshing(keys, current)
+
+    async def _rebalance_loop(self, period_s: float) -> None:
+        """Re-check placement now and then; move only when the swarm clearly gains (hysteresis in should_move)."""
+        while True:
+            await asyncio.sleep(period_s * self._rng.uniform(0.75, 1.25))
+            hosted = self.hosted
+            if hosted is None or self.model_info is None:
+                continue
+            try:
+                view = await fetch_swarm(self.dht, hosted.model, self.model_info.num_blocks)
+                twins = [s.peer_id for s in view.servers.values()
+                         if (s.start, s.end) == (hosted.start, hosted.end) and s.state in SERVING_STATES]
+                if max(twins, default=self.identity.peer_id) > self.identity.peer_id:
+                    # Servers on exactly our blocks would all see the same gain and all move (a herd, leaving
+                    # our blocks empty); only the one with the highest peer id considers moving.
+                    continue
+                target = should_move(view, self.identity.peer_id, rng=self._rng)
+            except DHTError as e:
+                log.warning("rebalance check failed: %s", e)
+                continue
+            if target is not None and target != (hosted.start, hosted.end):
+                await self._move_to(*target)
+
+    async def _move_to(self, start: int, end: int) -> None:
+        """Load the new blocks while still serving the old ones, switch, then hand old sessions back."""
+        old = self.hosted
+        assert old is not None and self._server is not None
+        announce = self._announcement_factory(old.model)
+        log.info("rebalancing: moving from blocks %d:%d to %d:%d", old.start, old.end, start, end)
+        new_keys = _keys(old.model, start, end)
+        left = [k for k in _keys(old.model, old.start, old.end) if k not in set(new_keys)]
+        await self.dht.store_many(new_keys, announce(ServerState.JOINING, start, end, 0.0, 0))
+        hosted, sessions = await self._load(start, end)
+        old_sessions = self._server.replace_span(hosted, sessions)
+        self.hosted, self._sessions = hosted, sessions
+        await self._announce_online(hosted, sessions)
+        if left:
+            # Readers ignore an announcement found under blocks outside its range, so restating the new one
+            # under the old keys takes us off those blocks at once (those records then expire unrefreshed).
+            await self.dht.store_many(left, announce(ServerState.ONLINE, start, end, hosted.throughput,
+                                                     sessions.free_tokens))
+        # Old sessions are handed back at their next step; any still idle expire with the old manager.
+        self._spawn(self._retire(old_sessions))
+
+    async def _retire(self, sessions: SessionManager) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(sessions.idle_timeout_s)
+        sessions.close_all()
 
     async def _choose_window(
         self, info: ModelInfo, options: ServeOptions, count: int, rng: random.Random
@@ -316,6 +393,8 @@ class Node:
         try:
             if self._refresh is not None:
                 self._refresh.cancel()
+            if self._server is not None:
+                self._server.start_draining()
             if self.hosted is not None and self._dht is not None:
                 hosted = self.hosted
                 offline = self._announcement_factory(hosted.model)(ServerState.OFFLINE, hosted.start, hosted.end,
@@ -323,6 +402,9 @@ class Node:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(OFFLINE_ANNOUNCE_TIMEOUT_S):
                         await self._dht.store_many(_keys(hosted.model, hosted.start, hosted.end), offline)
+            if self._server is not None and self.serve_options is not None:
+                # Finish the steps being computed (their replies go out); later steps are handed back.
+                await self._server.wait_idle(self.serve_options.drain_timeout_s)
         finally:
             for task in list(self._tasks):
                 task.cancel()

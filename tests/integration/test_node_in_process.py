@@ -106,3 +106,36 @@ async def test_server_rejects_bad_requests_and_keeps_serving(tiny_model_dir: Pat
             await asyncio.to_thread(chain.close)
     finally:
         await _stop(*servers, bootstrap)
+
+
+async def test_rebalancing_fills_a_hole_and_a_stable_swarm_stays_put(tiny_model_dir: Path) -> None:
+    bootstrap = Node()
+    await bootstrap.start()
+    options = ServeOptions(model=str(tiny_model_dir), num_blocks=2, join_jitter_s=0, rebalance_period_s=0.4)
+    servers: list[Node] = []
+    try:
+        for seed in range(4):
+            server = Node(bootstrap=[bootstrap.address], serve=ServeOptions(**{**options.__dict__, "seed": seed}))
+            await server.start()
+            servers.append(server)
+        ranges = [(s.hosted.start, s.hosted.end) for s in servers]
+        assert sorted(ranges[:3]) == [(0, 2), (2, 4), (4, 6)]
+        await asyncio.sleep(2.0)  # about five rebalance checks each
+        assert [s.reloads for s in servers] == [1, 1, 1, 1], "a stable swarm must not reload blocks"
+        # The server alone on its blocks leaves; the duplicate moves into the hole.
+        duplicate = ranges[3]
+        leaving = next(s for s in servers[:3] if (s.hosted.start, s.hosted.end) != duplicate)
+        await leaving.aclose()
+        info = load_model_info(tiny_model_dir)
+        async with asyncio.timeout(20):
+            while True:
+                view = await fetch_swarm(bootstrap.dht, info.source.name, info.num_blocks)
+                if not view.uncovered_blocks():
+                    break
+                await asyncio.sleep(0.2)
+        await asyncio.sleep(2.0)  # and it stays that way: nobody else moves
+        live = [s for s in servers if s is not leaving]
+        assert sorted((s.hosted.start, s.hosted.end) for s in live) == [(0, 2), (2, 4), (4, 6)]
+        assert sorted(s.reloads for s in live) == [1, 1, 2]
+    finally:
+        await _stop(*servers, bootstrap)
