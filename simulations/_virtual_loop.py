@@ -7,8 +7,9 @@
 #   therefore fires in virtual time, in the same order it would in real time.
 # - Real file descriptors are still polled (without blocking), so the loop's self-pipe keeps working; the
 #   simulator itself does no real I/O (the memory network only uses loop timers).
-# - A loop with nothing ready and no timer would sleep forever in real time: here that is a deadlock and raises
-#   `VirtualDeadlockError` instead of hanging the process.
+# - A loop with nothing ready and no timer would sleep forever in real time: here, after a short real wait for
+#   a thread to call back (executor jobs), that is a deadlock and raises `VirtualDeadlockError` instead of
+#   hanging the process. Virtual time does not wait for threads while timers are pending.
 # - `wall_clock()` is the virtual time plus a fixed epoch, for code that needs absolute time (DHT record expiry).
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ T = TypeVar("T")
 
 # A fixed absolute start (2023-11-14): runs are reproducible and records carry plausible timestamps.
 DEFAULT_EPOCH_S = 1.7e9
+# How long (real seconds) a loop with no timers waits for a thread to call back before declaring a deadlock.
+_THREAD_GRACE_S = 2.0
 
 
 class VirtualDeadlockError(RuntimeError):
@@ -52,6 +55,10 @@ class _VirtualSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-ty
         if events or timeout == 0:
             return events
         if timeout is None:
+            # Only a thread (an executor job finishing) can still wake the loop: give it real time, then give up.
+            events = super().select(_THREAD_GRACE_S)
+            if events:
+                return events
             raise VirtualDeadlockError("virtual-time loop: nothing is scheduled and nothing can wake it (deadlock)")
         self._clock.advance(timeout)
         return []
