@@ -4,7 +4,7 @@ from petalnode.node._backend import ComputeBackend, InlineExecutor, TorchBackend
 from petalnode.node._bans import BanList
 from petalnode.node._block_server import BlockServer, HostedSpan
 from petalnode.node._executor import PRIORITY_BULK, PRIORITY_INFERENCE, ComputeExecutor
-from petalnode.node._local_swarm import LocalSwarm, parse_span
+from petalnode.node._local_swarm import LocalSwarm, SwarmProcess, parse_span
 from petalnode.node._node import DEFAULT_RECORD_TTL_S, Node, NodeState, ServeOptions
 from petalnode.node._placement import choose_blocks, should_move
 from petalnode.node._remote_chain import RemoteBlockChain, RemoteChainSession
@@ -32,6 +32,7 @@ __all__ = [
     "ServeOptions",
     "ServerView",
     "SwarmClient",
+    "SwarmProcess",
     "SwarmSession",
     "SwarmView",
     "TorchBackend",

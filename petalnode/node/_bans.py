@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from petalnode.identity import PeerId
 
-BAN_BASE_S = 5.0
-BAN_MAX_S = 300.0
+# Long enough to outlast one slow DHT lookup (a stalled peer costs a few RPC timeouts) between ban and reroute.
+BAN_BASE_S = 30.0
+BAN_MAX_S = 600.0
 
 
 @dataclass

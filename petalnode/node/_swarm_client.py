@@ -61,6 +61,7 @@ STEP_TIMEOUT_S = 60.0
 OPEN_TIMEOUT_S = 15.0
 RTT_PROBE_TIMEOUT_S = 2.0
 WAIT_FOR_BLOCKS_S = 60.0
+SWARM_VIEW_MAX_AGE_S = 10.0
 MAX_FAILOVERS_PER_STEP = 8
 # Errors after which a server is banned and routed around. Anything else is a bug on our side and propagates.
 HOP_FAILURES = (TransportError, RemoteError, RemoteProtocolError, CodecError, TimeoutError)
@@ -203,6 +204,8 @@ class SwarmClient:
         self._transport: Transport | None = None
         self._rpc: RPC | None = None
         self._dht: DHTNode | None = None
+        self._view: SwarmView | None = None
+        self._view_at = 0.0
         self._closed = False
 
     async def __aenter__(self) -> SwarmClient:
@@ -288,8 +291,14 @@ class SwarmClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait_for_blocks_s
         reported = None
+        fresh = False
         while True:
-            view = await self.swarm()
+            # A recent view is reused: after a failure, rerouting must not wait on a DHT lookup that may itself
+            # be slowed by the very peer that just failed. A view that yields no route is refreshed first.
+            if fresh or self._view is None or loop.time() - self._view_at > SWARM_VIEW_MAX_AGE_S:
+                self._view, self._view_at = await self.swarm(), loop.time()
+                fresh = True
+            view = self._view
             await self._probe_rtts(view)
             try:
                 return choose_route(
@@ -297,6 +306,9 @@ class SwarmClient:
                     min_cache_tokens=min_cache_tokens, rng=self.rng, model=self.model,
                 )
             except NoRouteError as e:
+                if not fresh:
+                    fresh = True
+                    continue
                 if loop.time() >= deadline:
                     first = e.missing[0] if e.missing else (start, end)
                     raise NoRouteError(
