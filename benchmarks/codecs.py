@@ -21,11 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from codec_speed import measure_codecs  # noqa: E402
+from codec_speed import measure_codecs
 
-from petalnode.client import AutoDistributedModelForCausalLM, LocalBlockChain, even_spans  # noqa: E402
-from petalnode.codecs import TensorCodec, decode_tensor, encode_tensor  # noqa: E402
-from petalnode.compute import load_block_span, load_client_head, load_model_info  # noqa: E402
+from petalnode.client import AutoDistributedModelForCausalLM, LocalBlockChain, even_spans
+from petalnode.codecs import TensorCodec, decode_tensor, encode_tensor
+from petalnode.compute import load_block_span, load_client_head, load_model_info
 
 PROMPTS = [
     "The capital of France is",

@@ -122,9 +122,17 @@ def default_gguf_path() -> Path:
     raise ModelNotFoundError(f"package {_GGUF_PACKAGE} is installed but {_GGUF_FILE} is missing from it")
 
 
+def _default_target() -> Path:
+    return cache_dir() / "models" / f"{DEFAULT_MODEL}-v{_CONVERSION_VERSION}"
+
+
+def default_model_is_converted() -> bool:
+    return _is_complete(_default_target())
+
+
 def ensure_default_model() -> Path:
     """The converted default model directory, converting it on first use."""
-    target = cache_dir() / "models" / f"{DEFAULT_MODEL}-v{_CONVERSION_VERSION}"
+    target = _default_target()
     if _is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import socket
 import subprocess
@@ -73,26 +74,38 @@ def _dead_address() -> str:
     return f"tcp://127.0.0.1:{port}/{Identity.generate().peer_id}"
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (("status", "--bootstrap", "DEAD"), "no peers reachable at the bootstrap address"),
-        (("join", "--bootstrap", "DEAD", "--model", "TINY"), "no peers reachable at the bootstrap address"),
-        (("join", "--bootstrap", "BOOT", "--model", "no-such-model"), "not available on this machine"),
-        (("join", "--bootstrap", "BOOT", "--model", "TINY", "--vram", "lots"), "not a memory size"),
-        (("join", "--bootstrap", "BOOT", "--model", "TINY", "--vram", "64K"), "cannot hold even one block"),
-        (("join", "--bootstrap", "BOOT", "--model", "TINY", "--vram", "72M", "--num-blocks", "6"),
-         "raise --vram or host fewer blocks"),
-        (("join", "--bootstrap", "BOOT", "--model", "TINY", "--blocks", "4:9"), "outside the model"),
-        (("join", "--bootstrap", "BOOT", "--model", "TINY", "--blocks", "x"), "not a block range"),
-        (("join", "--bootstrap", "not-an-address", "--model", "TINY"), "not a peer address"),
-        (("bootstrap", "--listen", "nowhere"), "--listen must be HOST:PORT"),
-    ],
-)
-def test_user_errors_say_what_to_do(args, message, half_swarm: LocalSwarm, tiny_model_dir: Path) -> None:
+ERROR_CASES = [
+    (("status", "--bootstrap", "DEAD"), "no peers reachable at the bootstrap address"),
+    (("join", "--bootstrap", "DEAD", "--model", "TINY"), "no peers reachable at the bootstrap address"),
+    (("join", "--bootstrap", "BOOT", "--model", "no-such-model"), "not available on this machine"),
+    (("join", "--bootstrap", "BOOT", "--model", "TINY", "--vram", "lots"), "not a memory size"),
+    (("join", "--bootstrap", "BOOT", "--model", "TINY", "--vram", "64K"), "cannot hold even one block"),
+    (("join", "--bootstrap", "BOOT", "--model", "TINY", "--vram", "72M", "--num-blocks", "6"),
+     "raise --vram or host fewer blocks"),
+    (("join", "--bootstrap", "BOOT", "--model", "TINY", "--blocks", "4:9"), "outside the model"),
+    (("join", "--bootstrap", "BOOT", "--model", "TINY", "--blocks", "x"), "not a block range"),
+    (("join", "--bootstrap", "not-an-address", "--model", "TINY"), "not a peer address"),
+    (("bootstrap", "--listen", "nowhere"), "--listen must be HOST:PORT"),
+]
+
+
+@pytest.fixture(scope="module")
+def error_results(half_swarm: LocalSwarm, tiny_model_dir: Path) -> list[subprocess.CompletedProcess[str]]:
+    """Every error case as a real process, several at once (each spends most of its time importing torch)."""
     table = {"DEAD": _dead_address(), "BOOT": half_swarm.bootstrap_address, "TINY": str(tiny_model_dir)}
-    result = _petalnode(*(table.get(a, a) for a in args), "--listen", "127.0.0.1:0") if args[0] == "join" else \
-        _petalnode(*(table.get(a, a) for a in args))
+    commands = []
+    for args, _ in ERROR_CASES:
+        command = [table.get(a, a) for a in args]
+        if command[0] == "join":
+            command += ["--listen", "127.0.0.1:0"]
+        commands.append(command)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(lambda command: _petalnode(*command), commands))
+
+
+@pytest.mark.parametrize("case", range(len(ERROR_CASES)), ids=[m for _, m in ERROR_CASES])
+def test_user_errors_say_what_to_do(case: int, error_results) -> None:
+    result = error_results[case]
     assert result.returncode == 2, result.stdout + result.stderr
-    assert message in result.stderr
+    assert ERROR_CASES[case][1] in result.stderr
     assert "Traceback" not in result.stderr

@@ -25,7 +25,7 @@ def _open_chain(model_dir: Path, parts: int, max_length: int = 128):
         span = load_block_span(info, start, end)
         manager = SessionManager(
             span, cache_budget_bytes=1 << 30, hidden_size=info.hidden_size, dtype=torch.float32,
-            kv_bytes_per_token=info.kv_bytes_per_token_per_block(torch.float32) * (end - start),
+            kv_bytes_per_token_per_block=info.kv_bytes_per_token_per_block(torch.float32),
         )
         sessions.append(manager.open(max_length))
     return head, sessions

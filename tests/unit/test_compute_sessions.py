@@ -31,7 +31,7 @@ def manager_factory(tiny_model_dir: Path):
 
     def make(budget_tokens: int, clock=None, idle_timeout_s: float = 10.0) -> SessionManager:
         return SessionManager(
-            span, cache_budget_bytes=budget_tokens * per_token, kv_bytes_per_token=per_token,
+            span, cache_budget_bytes=budget_tokens * per_token, kv_bytes_per_token_per_block=per_token // 3,
             hidden_size=info.hidden_size, dtype=torch.float32, idle_timeout_s=idle_timeout_s,
             clock=clock or FakeClock(),
         )
