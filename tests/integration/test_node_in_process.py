@@ -139,3 +139,29 @@ async def test_rebalancing_fills_a_hole_and_a_stable_swarm_stays_put(tiny_model_
         assert sorted(s.reloads for s in live) == [1, 1, 2]
     finally:
         await _stop(*servers, bootstrap)
+
+
+async def test_full_server_is_skipped_for_one_with_room(tiny_model_dir: Path) -> None:
+    """A server whose cache cannot hold the session says so; the client opens it on another server instead."""
+    bootstrap = Node()
+    await bootstrap.start()
+    small = Node(bootstrap=[bootstrap.address],
+                 serve=ServeOptions(model=str(tiny_model_dir), blocks=(0, 6), cache_tokens_per_block=16))
+    big = Node(bootstrap=[bootstrap.address],
+               serve=ServeOptions(model=str(tiny_model_dir), blocks=(0, 6), cache_tokens_per_block=512))
+    await small.start()
+    await big.start()
+    try:
+        info = load_model_info(tiny_model_dir)
+        chain = await asyncio.to_thread(RemoteBlockChain.connect, info, bootstrap=[str(bootstrap.address)])
+        try:
+            for _ in range(3):  # whatever the route's random tie-break, the session lands on the big server
+                session = await asyncio.to_thread(chain.open_session, 200)
+                assert [hop.peer_id for hop in session.session.hops] == [big.identity.peer_id]
+                out = await asyncio.to_thread(session.step, torch.randn(1, 150, 64))
+                assert out.shape == (1, 150, 64)
+                await asyncio.to_thread(session.close)
+        finally:
+            await asyncio.to_thread(chain.close)
+    finally:
+        await _stop(small, big, bootstrap)
