@@ -1,0 +1,459 @@
+# The WebRTC transport: aiortc data channels carrying the shared multiplexer, for peers behind NAT.
+#
+# A connection is one RTCPeerConnection with one ordered, reliable data channel; every data-channel message is
+# one mux frame (chunks of 240 KiB plus a 6-byte header stay under the 256 KiB message limit, see `_base.py`).
+# Offer and answer travel through a `Signaler` (in a swarm: a relay peer, see petalnode/node/_signaling.py) and
+# are signed with the Ed25519 identities (`_webrtc_signing.py`), which authenticates the DTLS fingerprints.
+#
+# Invariants (each one is a measured aiortc pitfall, see DESIGN.md):
+# - We always pass our own ICE server list, possibly empty; aiortc's default is a public Google STUN server.
+# - `send()` never blocks in aiortc, so `drain()` waits while `bufferedAmount` is above HIGH_WATER_BYTES, woken
+#   by `bufferedamountlow` (threshold LOW_WATER_BYTES) or by the channel closing.
+# - The whole dial (ICE gathering, signaling, ICE checks, DTLS, SCTP, channel open) is bounded by
+#   `connect_timeout_s`; an incoming offer's connection must open within `handshake_timeout_s`. aioice alone
+#   gives up after about 64 s.
+# - aiortc notices a dead peer only after about 33 s; the mux keepalive (defaults below: ping every 2 s, drop
+#   after 8 s of silence) bounds it, and an ICE/DTLS "failed" or "closed" state closes the channel at once.
+# - aiortc/aioice exceptions never escape: they become `TransportError` subclasses in `_map_errors`.
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import unquote
+
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+
+from petalnode.errors import (
+    ClosedResourceError,
+    ConfigError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    HandshakeError,
+    InvalidStateError,
+    LocalProtocolError,
+    PetalnodeError,
+    TransportError,
+)
+from petalnode.identity import Identity, PeerAddress, PeerId
+from petalnode.transport import _webrtc_signing as signing
+from petalnode.transport._base import CONNECT_TIMEOUT_S, ConnectionConfig, ConnectionHandler
+from petalnode.transport._frames import HEADER_BYTES
+from petalnode.transport._mux import MuxConnection
+from petalnode.transport._webrtc_signing import SignedDescription
+
+log = logging.getLogger(__name__)
+
+SCHEME = "webrtc"
+# aiortc's (and browsers') largest data-channel message; our frames must fit (checked in __init__).
+MAX_MESSAGE_BYTES = 256 * 1024
+# Backpressure on the channel's send buffer: stop writing above HIGH, resume below LOW. 1 MiB keeps the SCTP
+# sender busy on loopback (13-17 MiB/s measured) while bounding memory per connection.
+HIGH_WATER_BYTES = 1024 * 1024
+LOW_WATER_BYTES = 256 * 1024
+# Our own dead-peer bound (aiortc's is ~33 s): the mux pings every 2 s and drops a peer silent for 8 s.
+KEEPALIVE_INTERVAL_S = 2.0
+KEEPALIVE_TIMEOUT_S = 8.0
+# An answered offer must become an open channel this quickly (the dialler's bound is its connect timeout).
+HANDSHAKE_TIMEOUT_S = 10.0
+# Offers being answered at once; more are refused (an offer costs sockets and a DTLS key).
+MAX_PENDING_ACCEPTS = 16
+_CLOSE_TIMEOUT_S = 2.0
+_LABEL = "petalnode"
+
+
+class Signaler(Protocol):
+    """Carries a signed offer to the peer a `webrtc://` address names and brings back its answer."""
+
+    async def ice_servers(self, address: PeerAddress) -> list[str]:
+        """ICE server URLs to use when dialling `address` (e.g. the STUN server of its relay)."""
+        ...
+
+    async def exchange(self, address: PeerAddress, offer: SignedDescription) -> SignedDescription:
+        """Deliver `offer` to `address.peer_id` and return its answer; raise `TransportError` if it cannot."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class IceServer:
+    """One STUN or TURN server: `stun:HOST:PORT` or `turn:USER:PASSWORD@HOST:PORT[?transport=udp|tcp]`."""
+
+    url: str
+    username: str | None = None
+    credential: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> IceServer:
+        scheme, sep, rest = text.partition(":")
+        if not sep or scheme not in ("stun", "turn", "turns") or not rest:
+            raise ConfigError(f"not an ICE server URL: {text!r} (expected stun:HOST:PORT or turn:USER:PASS@HOST:PORT)")
+        if "@" in rest:
+            credentials, _, rest = rest.rpartition("@")
+            user, _, password = credentials.partition(":")
+            return cls(f"{scheme}:{rest}", unquote(user), unquote(password))
+        return cls(text)
+
+    def to_aiortc(self) -> RTCIceServer:
+        return RTCIceServer(urls=self.url, username=self.username, credential=self.credential)
+
+
+@contextlib.contextmanager
+def _map_errors(what: str) -> Iterator[None]:
+    """aiortc/aioice/cryptography raise builtin and their own exceptions; callers only see ours."""
+    try:
+        yield
+    except (PetalnodeError, asyncio.CancelledError, TimeoutError):
+        raise
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise HandshakeError(f"{what}: malformed session description: {e!r}") from None
+    except (ConnectionError, OSError) as e:
+        raise TransportError(f"{what}: {e}") from None
+    except Exception as e:  # aiortc's InvalidStateError / InvalidAccessError and friends
+        raise TransportError(f"{what}: {type(e).__name__}: {e}") from None
+
+
+class _DataChannelFrames:
+    """Mux frames over one data channel (implements `FrameChannel`). Owns the peer connection."""
+
+    def __init__(self, pc: RTCPeerConnection, channel: Any, max_frame_bytes: int) -> None:
+        self._pc = pc
+        self._channel = channel
+        self.max_frame_bytes = max_frame_bytes
+        self._inbox: collections.deque[bytes] = collections.deque()
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._opened = asyncio.Event()
+        self._closed = False  # the channel ended (either side) or we closed it
+        self._close_reason = "WebRTC data channel closed"
+        self._pc_closed = False
+        channel.bufferedAmountLowThreshold = LOW_WATER_BYTES
+        channel.on("open", self._opened.set)
+        channel.on("message", self._on_message)
+        channel.on("close", lambda: self._on_closed("WebRTC data channel closed by peer"))
+        channel.on("bufferedamountlow", self._writable.set)
+        pc.on("connectionstatechange", self._on_state)
+        if channel.readyState == "open":
+            self._opened.set()
+
+    def _on_message(self, message: bytes | str) -> None:
+        if isinstance(message, str):
+            # Only binary frames are ours; a text message means the peer is not speaking our protocol.
+            self._inbox.append(b"")  # parse_frame rejects it and the mux drops the connection with a reason
+        else:
+            self._inbox.append(message)
+        self._readable.set()
+
+    def _on_state(self) -> None:
+        state = self._pc.connectionState
+        if state in ("failed", "closed"):
+            self._on_closed(f"WebRTC connection {state}")
+
+    def _on_closed(self, reason: str) -> None:
+        if not self._closed:
+            self._closed = True
+            self._close_reason = reason
+        self._readable.set()
+        self._writable.set()
+        self._opened.set()
+
+    async def wait_open(self) -> None:
+        await self._opened.wait()
+        if self._closed or self._channel.readyState != "open":
+            raise ConnectionClosedError(f"{self._close_reason} before it opened")
+
+    def write_frame(self, frame: bytes) -> None:
+        if self._closed or self._channel.readyState != "open":
+            raise ConnectionClosedError(self._close_reason)
+        if len(frame) > self.max_frame_bytes:
+            raise LocalProtocolError(f"frame of {len(frame)} bytes exceeds max_frame_bytes={self.max_frame_bytes}")
+        with _map_errors("sending on the data channel"):
+            self._channel.send(bytes(frame))
+
+    async def drain(self) -> None:
+        while self._channel.bufferedAmount > HIGH_WATER_BYTES and not self._closed:
+            self._writable.clear()
+            await self._writable.wait()
+        if self._closed:
+            raise ConnectionClosedError(self._close_reason)
+
+    async def receive_frame(self) -> bytes:
+        while not self._inbox:
+            if self._closed:
+                raise ConnectionClosedError(self._close_reason)
+            self._readable.clear()
+            await self._readable.wait()
+        return self._inbox.popleft()
+
+    @property
+    def pc(self) -> RTCPeerConnection:
+        return self._pc
+
+    async def aclose(self) -> None:
+        self._on_closed("WebRTC connection closed locally")
+        if self._pc_closed:
+            return
+        self._pc_closed = True
+        await _close_pc(self._pc)
+
+
+async def _close_pc(pc: RTCPeerConnection) -> None:
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(_CLOSE_TIMEOUT_S):
+            await pc.close()
+
+
+class WebRTCListener:
+    """Incoming WebRTC connections of one transport (implements `Listener`).
+
+    The address is only known once the node has a relay (`WebRTCTransport.set_relay`)."""
+
+    def __init__(self, transport: WebRTCTransport) -> None:
+        self._transport = transport
+
+    @property
+    def address(self) -> PeerAddress:
+        return self._transport.address
+
+    async def aclose(self) -> None:
+        self._transport._handler = None
+
+
+class WebRTCTransport:
+    """`Transport` over aiortc data channels, signalled through a `Signaler`; an async context manager.
+
+    Args:
+        identity: signs our offers and answers.
+        signaler: carries offers for `dial` (None: this transport only answers).
+        ice_servers: STUN/TURN servers we always use (`IceServer` or URL text); the signaler may add the
+            dialled peer's relay. Never a public default.
+        config: mux limits; by default the WebRTC keepalive bound above.
+        handshake_timeout_s: how long an answered offer may take to open.
+    """
+
+    scheme = SCHEME
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        signaler: Signaler | None = None,
+        ice_servers: Sequence[IceServer | str] = (),
+        config: ConnectionConfig | None = None,
+        handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+    ) -> None:
+        self._identity = identity
+        self.signaler = signaler
+        self.ice_servers: list[IceServer] = [s if isinstance(s, IceServer) else IceServer.parse(s) for s in ice_servers]
+        self.config = config or ConnectionConfig(
+            keepalive_interval_s=KEEPALIVE_INTERVAL_S, keepalive_timeout_s=KEEPALIVE_TIMEOUT_S
+        )
+        self._max_frame = self.config.chunk_bytes + HEADER_BYTES
+        if self._max_frame > MAX_MESSAGE_BYTES:
+            raise ConfigError(f"chunk_bytes={self.config.chunk_bytes} gives frames over WebRTC's 256 KiB limit")
+        self._handshake_timeout_s = handshake_timeout_s
+        self._handler: ConnectionHandler | None = None
+        self._relay: PeerAddress | None = None
+        self._connections: set[MuxConnection] = set()
+        self._pending: set[RTCPeerConnection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @property
+    def local_peer_id(self) -> PeerId:
+        return self._identity.peer_id
+
+    @property
+    def address(self) -> PeerAddress:
+        """`webrtc://RELAY_HOST:RELAY_PORT/OUR_PEER_ID`: dial our relay's TCP port, which forwards the offer."""
+        if self._relay is None:
+            raise InvalidStateError('WebRTC transport has no address in state "no relay"')
+        return PeerAddress(SCHEME, self._relay.host, self._relay.port, self.local_peer_id)
+
+    def set_relay(self, relay: PeerAddress | None) -> None:
+        """Name the peer that forwards offers to us (None: not reachable by WebRTC)."""
+        self._relay = relay
+
+    def connection_paths(self) -> dict[PeerId, str]:
+        """For each open connection, the ICE candidate pair it uses, e.g. 'srflx -> host' or 'relay -> srflx'."""
+        return {c.remote_peer_id: describe_path(c._channel.pc) for c in self._connections}  # type: ignore[attr-defined]
+
+    def __repr__(self) -> str:
+        return f"<WebRTCTransport {self._identity.peer_id}>"
+
+    async def __aenter__(self) -> WebRTCTransport:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedResourceError('WebRTC transport: cannot use in state "closed"')
+
+    def _new_pc(self, extra: Sequence[str] = ()) -> RTCPeerConnection:
+        servers = [*self.ice_servers, *(IceServer.parse(u) for u in extra)]
+        # An explicit (possibly empty) list: None would make aiortc use stun.l.google.com.
+        return RTCPeerConnection(RTCConfiguration(iceServers=[s.to_aiortc() for s in servers]))
+
+    # ---- listening (answering) ----------------------------------------------------------------------------
+
+    async def listen(self, handler: ConnectionHandler, *, host: str | None = None, port: int = 0) -> WebRTCListener:
+        """Answer offers from now on (`host` and `port` are ignored: offers arrive through signaling)."""
+        self._check_open()
+        self._handler = handler
+        return WebRTCListener(self)
+
+    async def accept_offer(self, offer: SignedDescription) -> SignedDescription:
+        """Answer a signed offer; the connection is handed to the listen handler once its channel opens.
+
+        Raises:
+            HandshakeError: the offer is not for us or its signature does not verify.
+            TransportError: we are not listening, too busy, or aiortc failed.
+        """
+        self._check_open()
+        remote_id = signing.verify_offer(offer, self.local_peer_id)
+        handler = self._handler
+        if handler is None:
+            raise TransportError("this node does not accept WebRTC connections")
+        if len(self._pending) >= MAX_PENDING_ACCEPTS:
+            raise TransportError(f"too many WebRTC handshakes in progress (max {MAX_PENDING_ACCEPTS})")
+        pc = self._new_pc()
+        self._pending.add(pc)
+        channel_future: asyncio.Future[_DataChannelFrames] = asyncio.get_running_loop().create_future()
+
+        def on_datachannel(channel: Any) -> None:
+            if not channel_future.done():
+                channel_future.set_result(_DataChannelFrames(pc, channel, self._max_frame))
+
+        pc.on("datachannel", on_datachannel)
+        try:
+            async with asyncio.timeout(self._handshake_timeout_s):
+                with _map_errors("answering a WebRTC offer"):
+                    await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
+                    await pc.setLocalDescription(await pc.createAnswer())
+                    sdp = pc.localDescription.sdp
+        except BaseException as e:
+            self._pending.discard(pc)
+            await _close_pc(pc)
+            if isinstance(e, TimeoutError):
+                raise ConnectTimeoutError(f"answering an offer took over {self._handshake_timeout_s} s") from None
+            raise
+        task = asyncio.create_task(self._finish_accept(pc, channel_future, remote_id, handler),
+                                   name=f"webrtc-accept {remote_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return signing.sign(self._identity, kind=signing.ANSWER, sdp=sdp, receiver=remote_id, nonce=offer.nonce)
+
+    async def _finish_accept(
+        self, pc: RTCPeerConnection, channel_future: asyncio.Future[_DataChannelFrames], remote_id: PeerId,
+        handler: ConnectionHandler,
+    ) -> None:
+        try:
+            async with asyncio.timeout(self._handshake_timeout_s):
+                frames = await channel_future
+                await frames.wait_open()
+        except (TimeoutError, TransportError) as e:
+            log.warning("WebRTC connection from %s did not open: %s", remote_id, e or "timed out")
+            await _close_pc(pc)
+            return
+        finally:
+            self._pending.discard(pc)
+        if self._closed:
+            await frames.aclose()
+            return
+        connection = self._adopt(frames, initiator=False, remote_id=remote_id, remote_address=None)
+        log.info("WebRTC connection from %s via %s", remote_id, describe_path(pc))
+        try:
+            await handler(connection)
+        except ConnectionClosedError:
+            pass
+        except Exception:
+            log.exception("connection handler failed for %r", connection)
+            await connection.aclose()
+
+    # ---- dialling -----------------------------------------------------------------------------------------
+
+    async def dial(self, address: PeerAddress, *, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> MuxConnection:
+        """Connect to `address.peer_id` through the signaler; see `Transport.dial` for the errors."""
+        self._check_open()
+        if address.scheme != SCHEME:
+            raise TransportError(f"WebRTC transport cannot dial {address} (scheme {address.scheme!r})")
+        if address.peer_id is None:
+            raise TransportError(f"cannot dial {address}: a webrtc:// address must name the peer id")
+        if self.signaler is None:
+            raise TransportError(f"cannot dial {address}: this WebRTC transport has no signaler")
+        pc: RTCPeerConnection | None = None
+        try:
+            async with asyncio.timeout(connect_timeout_s):
+                extra = await self.signaler.ice_servers(address)
+                pc = self._new_pc(extra)
+                with _map_errors(f"dialling {address}"):
+                    frames = _DataChannelFrames(pc, pc.createDataChannel(_LABEL, ordered=True), self._max_frame)
+                    await pc.setLocalDescription(await pc.createOffer())
+                    offer = signing.sign(self._identity, kind=signing.OFFER, sdp=pc.localDescription.sdp,
+                                         receiver=address.peer_id)
+                answer = await self.signaler.exchange(address, offer)
+                remote_id = signing.verify_answer(answer, offer, self.local_peer_id, address.peer_id)
+                with _map_errors(f"dialling {address}"):
+                    await pc.setRemoteDescription(RTCSessionDescription(sdp=answer.sdp, type="answer"))
+                await frames.wait_open()
+        except TimeoutError:
+            if pc is not None:
+                await _close_pc(pc)
+            raise ConnectTimeoutError(f"dialling {address} took longer than {connect_timeout_s} s") from None
+        except BaseException:
+            if pc is not None:
+                await _close_pc(pc)
+            raise
+        if self._closed:
+            await frames.aclose()
+            self._check_open()
+        log.info("WebRTC connection to %s via %s", remote_id, describe_path(pc))
+        return self._adopt(frames, initiator=True, remote_id=remote_id, remote_address=address)
+
+    def _adopt(
+        self, frames: _DataChannelFrames, *, initiator: bool, remote_id: PeerId, remote_address: PeerAddress | None
+    ) -> MuxConnection:
+        connection = MuxConnection(
+            frames, initiator=initiator, local_peer_id=self.local_peer_id, remote_peer_id=remote_id,
+            remote_address=remote_address, config=self.config, on_closed=self._connections.discard,
+        )
+        self._connections.add(connection)
+        connection.start()
+        return connection
+
+    async def aclose(self) -> None:
+        """Close every connection and pending handshake (idempotent)."""
+        self._closed = True
+        self._handler = None
+        for connection in list(self._connections):
+            await connection.aclose()
+        tasks = [t for t in self._tasks if not t.done() and t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        for pc in list(self._pending):
+            await _close_pc(pc)
+        self._pending.clear()
+
+
+def describe_path(pc: RTCPeerConnection) -> str:
+    """The nominated ICE pair, e.g. 'host 10.1.0.2:40000 -> srflx 198.18.0.3:61000', or 'unknown'.
+
+    Candidate types: host, srflx (a NAT's public mapping, learnt via STUN), prflx (learnt from a check), relay
+    (TURN). A 'relay' on either side means the data goes through a relay; otherwise the path is direct."""
+    with contextlib.suppress(Exception):
+        sctp = pc.sctp
+        assert sctp is not None
+        ice = sctp.transport.transport._connection  # aioice.Connection
+        pair = ice._nominated.get(1)
+        if pair is not None:
+            local, remote = pair.local_candidate, pair.remote_candidate
+            return f"{local.type} {local.host}:{local.port} -> {remote.type} {remote.host}:{remote.port}"
+    return "unknown"
