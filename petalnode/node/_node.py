@@ -34,6 +34,7 @@ from petalnode.identity import Identity, PeerAddress
 from petalnode.node._backend import ComputeBackend, TorchBackend
 from petalnode.node._block_server import BlockServer, HostedSpan
 from petalnode.node._placement import choose_blocks, should_move
+from petalnode.node._signaling import NatOptions, Signaling
 from petalnode.node._swarm import fetch_swarm
 from petalnode.node._swarm_view import SERVING_STATES
 from petalnode.transport import RPC, TcpTransport, Transport
@@ -104,12 +105,15 @@ class Node:
         wall_clock: Callable[[], float] = time.time,
         compute: ComputeBackend | None = None,
         dht_options: dict[str, Any] | None = None,
+        nat: NatOptions | None = None,
     ) -> None:
         """Args (beyond the obvious):
             transport: defaults to TCP; the simulator passes an in-memory transport.
             endpoint_factory: how the DHT opens its datagram socket (default: real UDP).
             wall_clock: absolute time for DHT record expiry (the simulator's virtual clock).
             compute: where served blocks come from (default: real torch blocks).
+            nat: serve STUN and WebRTC signaling, and behind NAT be reachable by WebRTC via a bootstrap peer
+                (see _signaling.py); None: TCP only.
         """
         self.identity = identity or Identity.generate()
         self._given_transport = transport
@@ -117,6 +121,7 @@ class Node:
         self._wall_clock = wall_clock
         self.compute = compute or TorchBackend()
         self._dht_options = dht_options or {}
+        self._signaling = Signaling(self.identity, nat) if nat is not None and transport is None else None
         self.listen_host = listen_host
         self.listen_port = listen_port
         self.bootstrap_addresses = [a if isinstance(a, PeerAddress) else PeerAddress.parse(a) for a in bootstrap]
@@ -193,8 +198,11 @@ class Node:
             raise
 
     async def _listen(self) -> None:
-        self._transport = self._given_transport or TcpTransport(self.identity)
+        default = self._signaling.transport() if self._signaling is not None else TcpTransport(self.identity)
+        self._transport = self._given_transport or default
         self._rpc = RPC(self._transport)
+        if self._signaling is not None:
+            self._signaling.attach(self._rpc)
         bootstrap = [(a.host, a.port) for a in self.bootstrap_addresses]
         last_error: Exception | None = None
         for _ in range(_PORT_ATTEMPTS if self.listen_port == 0 else 1):
@@ -224,6 +232,9 @@ class Node:
                     f"no peers reachable at the bootstrap address ({names}): {e}. Check that a bootstrap or "
                     "server is running there (petalnode bootstrap) and that the address and port are right."
                 ) from e
+        if self._signaling is not None:  # behind NAT this becomes webrtc://RELAY/OUR_ID
+            self._address = await self._signaling.start(self._address, self.bootstrap_addresses,
+                                                        listen_host=self.listen_host)
         log.info("node %s listening at %s", self.identity.peer_id, self._address)
 
     async def _start_serving(self, options: ServeOptions) -> None:
@@ -413,6 +424,8 @@ class Node:
                     await task
             if self._sessions is not None:
                 self._sessions.close_all()
+            if self._signaling is not None:
+                await self._signaling.aclose()
             if self._rpc is not None:
                 await self._rpc.aclose()
             if self._transport is not None:

@@ -1,0 +1,338 @@
+"""WebRTC signaling and STUN through the swarm itself: no outside service.
+
+A node behind NAT keeps an RPC connection to a public peer (its bootstrap) and registers with it; it is then
+reachable as `webrtc://RELAY_HOST:RELAY_PORT/NODE_PEER_ID`. A dialler sends its signed offer over RPC to the relay
+(verb "webrtc_relay"), the relay forwards it over the standing connection (verb "webrtc_offer"), and the answer
+comes back the same way. Public nodes also answer STUN binding requests (port given by "webrtc_info"), so both
+sides learn their server-reflexive addresses from the relay.
+
+Why the address names the relay's host and port but not its peer id: offer and answer are signed end to end
+(`petalnode.transport._webrtc_signing`), so the relay is not trusted with anything but delivery; PeerAddress
+then stays the same 4-field value for every scheme.
+
+Invariants:
+- A relay forwards only to peers registered on a live connection, keyed by the peer id that connection proved
+  in its TCP handshake (a peer cannot register in another's name).
+- Registration includes a dial-back: the relay tries the node's own TCP address (bounded by
+  DIAL_BACK_TIMEOUT_S); a node that is reachable directly announces tcp://, otherwise webrtc:// via the relay.
+- A lost relay connection is re-registered in the background with exponential backoff (bounded) until aclose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from petalnode.codecs import Message, register_message, wire_field
+from petalnode.errors import BadRequestError, ConfigError, PetalnodeError, TransportError, UnknownSessionError
+from petalnode.identity import PEER_ID_BYTES, Identity, PeerAddress, PeerId
+from petalnode.transport import (
+    RPC,
+    CallContext,
+    Connection,
+    IceServer,
+    MultiTransport,
+    SignedDescription,
+    StunServer,
+    TcpTransport,
+    WebRTCTransport,
+)
+
+log = logging.getLogger(__name__)
+
+# A relay's dial-back to a registering node: a LAN/Internet TCP handshake takes well under a second.
+DIAL_BACK_TIMEOUT_S = 2.0
+# Forwarding an offer includes the target's ICE gathering (STUN: one round trip, 5 s if unreachable).
+FORWARD_TIMEOUT_S = 10.0
+MAX_REGISTERED = 1024
+RECONNECT_MIN_S = 1.0
+RECONNECT_MAX_S = 30.0
+MAX_ADDRESS_CHARS = 300
+
+
+@register_message
+class WebRTCInfoRequest(Message):
+    KIND: ClassVar[str] = "node.webrtc.info"
+    VERSION: ClassVar[int] = 1
+
+
+@register_message
+class WebRTCInfo(Message):
+    KIND: ClassVar[str] = "node.webrtc.info.result"
+    VERSION: ClassVar[int] = 1
+    stun_port: int = wire_field(min_value=0, max_value=65535)  # 0: this node runs no STUN server
+
+
+@register_message
+class RelayRegister(Message):
+    KIND: ClassVar[str] = "node.webrtc.register"
+    VERSION: ClassVar[int] = 1
+    tcp_address: str = wire_field(max_len=MAX_ADDRESS_CHARS)  # where the relay tries to dial back
+
+
+@register_message
+class RelayRegistered(Message):
+    KIND: ClassVar[str] = "node.webrtc.registered"
+    VERSION: ClassVar[int] = 1
+    stun_port: int = wire_field(min_value=0, max_value=65535)
+    reachable: bool = False  # the dial-back to tcp_address succeeded
+
+
+@register_message
+class RelayOffer(Message):
+    KIND: ClassVar[str] = "node.webrtc.relay"
+    VERSION: ClassVar[int] = 1
+    target: bytes = wire_field(max_len=PEER_ID_BYTES)
+    offer: SignedDescription
+
+
+@dataclass(frozen=True)
+class NatOptions:
+    """How a node deals with NAT.
+
+    Args:
+        mode: "auto" (dial-back check decides), "public" (announce TCP only) or "nat" (announce WebRTC via the
+            first bootstrap that accepts us, even when a dial-back would succeed).
+        stun: run a STUN server (public nodes; harmless elsewhere).
+        turn: TURN server URLs (`turn:USER:PASS@HOST:PORT`) for when direct connection fails (symmetric NAT).
+    """
+
+    mode: str = "auto"
+    stun: bool = True
+    turn: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "public", "nat"):
+            raise ConfigError(f"NAT mode must be auto, public or nat, got {self.mode!r}")
+
+
+class Signaling:
+    """The relay verbs on a node's RPC, the dialler side of relaying (a `Signaler`), and relay registration.
+
+    One object per node or client. `transport()` builds the TCP + WebRTC transport it signals for; `attach(rpc)`
+    serves the verbs on the node's RPC (a client without one gets a private RPC for its outgoing calls).
+    """
+
+    def __init__(self, identity: Identity, options: NatOptions | None = None) -> None:
+        self.identity = identity
+        self.options = options or NatOptions()
+        self._turn = [IceServer.parse(url) for url in self.options.turn]
+        self.webrtc = WebRTCTransport(identity, signaler=self, ice_servers=self._turn)
+        self.tcp = TcpTransport(identity)
+        self._rpc: RPC | None = None
+        self._own_rpc: RPC | None = None
+        self._stun: StunServer | None = None
+        self._registered: dict[PeerId, Connection] = {}
+        self._stun_ports: dict[str, int] = {}
+        self._relay_task: asyncio.Task[None] | None = None
+        self.relay: PeerAddress | None = None
+        self.reachable: bool | None = None
+
+    def transport(self) -> MultiTransport:
+        """TCP first (the node's listen address), WebRTC second; closing it closes this object too."""
+        return _SignalingTransport(self)
+
+    def attach(self, rpc: RPC) -> None:
+        """Serve the relay verbs on `rpc` and use it for our own signaling calls."""
+        self._rpc = rpc
+        rpc.add_unary_handler("webrtc_info", self.rpc_webrtc_info, request_type=WebRTCInfoRequest)
+        rpc.add_unary_handler("webrtc_register", self.rpc_webrtc_register, request_type=RelayRegister)
+        rpc.add_unary_handler("webrtc_relay", self.rpc_webrtc_relay, request_type=RelayOffer)
+        rpc.add_unary_handler("webrtc_offer", self.rpc_webrtc_offer, request_type=SignedDescription)
+
+    @property
+    def rpc(self) -> RPC:
+        if self._rpc is None:
+            if self._own_rpc is None:
+                self._own_rpc = RPC(self.tcp)
+            return self._own_rpc
+        return self._rpc
+
+    @property
+    def stun_port(self) -> int:
+        return self._stun.port if self._stun is not None else 0
+
+    async def start(self, address: PeerAddress, bootstrap: Sequence[PeerAddress], *, listen_host: str = "0.0.0.0"
+                    ) -> PeerAddress:
+        """Start STUN and, unless public, find a relay among `bootstrap`. Returns the address to announce.
+
+        Args:
+            address: our own tcp:// address (host as others would dial it).
+            bootstrap: public peers to ask for a dial-back and, if we are not reachable, to relay for us.
+            listen_host: where the STUN server binds (the node's listen host).
+        """
+        if self.options.stun:
+            self._stun = await StunServer(listen_host).start()
+        if self.options.mode == "public" or not bootstrap:
+            self.reachable = True if self.options.mode == "public" else None
+            return address
+        for relay in bootstrap:
+            try:
+                reachable = await self._register(relay, address)
+            except (PetalnodeError, TimeoutError) as e:
+                log.warning("relay %s refused to register us: %s", relay, e)
+                continue
+            self.reachable = reachable
+            if reachable and self.options.mode == "auto":
+                log.info("reachable directly at %s (dial-back from %s succeeded)", address, relay)
+                await self._unregister_quietly(relay)
+                return address
+            self.relay = relay
+            self.webrtc.set_relay(relay)
+            self._relay_task = asyncio.create_task(self._keep_registered(relay, address), name="webrtc-relay")
+            log.info("not reachable directly; reachable by WebRTC at %s", self.webrtc.address)
+            return self.webrtc.address
+        log.warning("no bootstrap peer would relay for us; announcing %s (may be unreachable)", address)
+        return address
+
+    async def _register(self, relay: PeerAddress, address: PeerAddress) -> bool:
+        reply = await self.rpc.call(_tcp(relay), "webrtc_register", RelayRegister(tcp_address=str(address)),
+                                    expected=RelayRegistered, timeout_s=DIAL_BACK_TIMEOUT_S + FORWARD_TIMEOUT_S)
+        assert isinstance(reply, RelayRegistered)
+        if reply.stun_port:
+            self._stun_ports[_relay_key(relay)] = reply.stun_port
+            self.webrtc.ice_servers = [*self._turn, IceServer.parse(_stun_server(relay.host, reply.stun_port))]
+        return reply.reachable
+
+    async def _unregister_quietly(self, relay: PeerAddress) -> None:
+        # The standing connection is what keeps us registered; a public node does not need it.
+        with contextlib.suppress(PetalnodeError):
+            connection = await self.rpc.connect(_tcp(relay))
+            await connection.aclose()
+
+    async def _keep_registered(self, relay: PeerAddress, address: PeerAddress) -> None:
+        delay = RECONNECT_MIN_S
+        while True:
+            try:
+                connection = await self.rpc.connect(_tcp(relay))
+                await connection.wait_closed()
+                log.warning("lost the connection to relay %s; registering again", relay)
+                await self._register(relay, address)
+                delay = RECONNECT_MIN_S
+            except (PetalnodeError, TimeoutError) as e:
+                log.warning("re-registering with relay %s failed: %s (retry in %.0f s)", relay, e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+
+    # ---- Signaler (dialler side) ----------------------------------------------------------------------------
+
+    async def ice_servers(self, address: PeerAddress) -> list[str]:
+        """The STUN server of the relay in `address` (asked once per relay)."""
+        key = _relay_key(address)
+        port = self._stun_ports.get(key)
+        if port is None:
+            reply = await self.rpc.call(_tcp(address), "webrtc_info", WebRTCInfoRequest(), expected=WebRTCInfo,
+                                        timeout_s=FORWARD_TIMEOUT_S)
+            assert isinstance(reply, WebRTCInfo)
+            port = self._stun_ports[key] = reply.stun_port
+        return [_stun_server(address.host, port)] if port else []
+
+    async def exchange(self, address: PeerAddress, offer: SignedDescription) -> SignedDescription:
+        assert address.peer_id is not None
+        reply = await self.rpc.call(_tcp(address), "webrtc_relay", RelayOffer(target=address.peer_id.raw, offer=offer),
+                                    expected=SignedDescription, timeout_s=FORWARD_TIMEOUT_S)
+        assert isinstance(reply, SignedDescription)
+        return reply
+
+    # ---- RPC handlers ---------------------------------------------------------------------------------------
+
+    async def rpc_webrtc_info(self, request: Message, context: CallContext) -> WebRTCInfo:
+        return WebRTCInfo(stun_port=self.stun_port)
+
+    async def rpc_webrtc_register(self, request: Message, context: CallContext) -> RelayRegistered:
+        assert isinstance(request, RelayRegister)
+        peer = context.remote_peer_id
+        if peer not in self._registered and len(self._registered) >= MAX_REGISTERED:
+            raise BadRequestError(f"this relay already serves {MAX_REGISTERED} peers")
+        reachable = await self._dial_back(request.tcp_address, peer)
+        self._registered[peer] = context.connection
+        log.info("relaying WebRTC offers for %s (reachable directly: %s)", peer, reachable)
+        return RelayRegistered(stun_port=self.stun_port, reachable=reachable)
+
+    async def _dial_back(self, text: str, peer: PeerId) -> bool:
+        try:
+            address = PeerAddress.parse(text).with_peer_id(peer)
+        except PetalnodeError as e:
+            raise BadRequestError(f"bad tcp_address: {e}") from None
+        if address.scheme != "tcp":
+            raise BadRequestError(f"tcp_address must be tcp://, got {address.scheme}://")
+        # A fresh TCP transport: the pooled connection to this peer is the one it dialled us on, which proves
+        # nothing about whether we can reach it.
+        async with TcpTransport(self.identity) as probe:
+            try:
+                connection = await probe.dial(address, connect_timeout_s=DIAL_BACK_TIMEOUT_S)
+            except TransportError:
+                return False
+            await connection.aclose()
+        return True
+
+    async def rpc_webrtc_relay(self, request: Message, context: CallContext) -> SignedDescription:
+        assert isinstance(request, RelayOffer)
+        try:
+            target = PeerId(request.target)
+        except ValueError:
+            raise BadRequestError("target is not a peer id") from None
+        if target == self.identity.peer_id:
+            return await self.webrtc.accept_offer(request.offer)
+        connection = self._registered.get(target)
+        if connection is None or connection.closed:
+            self._registered.pop(target, None)
+            raise UnknownSessionError(f"peer {target} is not registered with this relay")
+        reply = await self.rpc.call(connection, "webrtc_offer", request.offer, expected=SignedDescription,
+                                    timeout_s=FORWARD_TIMEOUT_S)
+        assert isinstance(reply, SignedDescription)
+        return reply
+
+    async def rpc_webrtc_offer(self, request: Message, context: CallContext) -> SignedDescription:
+        assert isinstance(request, SignedDescription)
+        try:
+            return await self.webrtc.accept_offer(request)
+        except TransportError as e:
+            raise BadRequestError(f"offer refused: {e}") from None
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Stop relaying, STUN and re-registration (idempotent). The transports close with `transport()`."""
+        if self._relay_task is not None:
+            self._relay_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._relay_task
+            self._relay_task = None
+        if self._stun is not None:
+            await self._stun.aclose()
+        if self._own_rpc is not None:
+            await self._own_rpc.aclose()
+        self._registered.clear()
+
+
+class _SignalingTransport(MultiTransport):
+    """TCP + WebRTC whose `aclose` also stops the signaling object (so a client that closes its transport
+    releases everything)."""
+
+    def __init__(self, signaling: Signaling) -> None:
+        super().__init__(signaling.tcp, signaling.webrtc)
+        self.signaling = signaling
+
+    async def aclose(self) -> None:
+        await self.signaling.aclose()
+        await super().aclose()
+
+
+def _tcp(address: PeerAddress) -> PeerAddress:
+    """The relay's TCP address inside a webrtc:// (or tcp://) address; its peer id is not pinned (see above)."""
+    if address.scheme == "tcp" and address.peer_id is not None:
+        return address
+    return PeerAddress("tcp", address.host, address.port)
+
+
+def _relay_key(address: PeerAddress) -> str:
+    return f"{address.host}:{address.port}"
+
+
+def _stun_server(host: str, port: int) -> str:
+    return f"stun:{host}:{port}"
