@@ -9,6 +9,7 @@ from petalnode.node._node import DEFAULT_RECORD_TTL_S, Node, NodeState, ServeOpt
 from petalnode.node._placement import choose_blocks, should_move
 from petalnode.node._remote_chain import RemoteBlockChain, RemoteChainSession
 from petalnode.node._routing import RouteHop, choose_route, route_cost_s
+from petalnode.node._signaling import NatOptions, Signaling
 from petalnode.node._swarm import fetch_swarm
 from petalnode.node._swarm_client import SwarmClient, SwarmSession
 from petalnode.node._swarm_view import ServerView, SwarmView, describe_runs
@@ -24,6 +25,7 @@ __all__ = [
     "HostedSpan",
     "InlineExecutor",
     "LocalSwarm",
+    "NatOptions",
     "Node",
     "NodeState",
     "RemoteBlockChain",
@@ -31,6 +33,7 @@ __all__ = [
     "RouteHop",
     "ServeOptions",
     "ServerView",
+    "Signaling",
     "SwarmClient",
     "SwarmProcess",
     "SwarmSession",
