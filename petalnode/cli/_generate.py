@@ -43,6 +43,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ConfigError("--max-new-tokens must be at least 1")
     configure_threads(args.threads)
     info = load_model_info(args.model)
+    tokenizer, input_ids = _encode_prompt(info, args)  # before any swarm starts: prompt errors fail fast
     with contextlib.ExitStack() as stack:
         if args.in_process:
             print(f"petalnode: running {info.source.name} ({info.num_blocks} blocks) in this process",
@@ -58,7 +59,7 @@ def run_generate(args: argparse.Namespace) -> int:
                                              wait_for_blocks_s=args.wait_for_blocks)
             stack.callback(chain.close)
             model = AutoDistributedModelForCausalLM.from_pretrained(info.source, chain=chain)
-        return _generate(model, info, args)
+        return _generate(model, tokenizer, input_ids, args)
 
 
 def _start_local_swarm(stack: contextlib.ExitStack, args: argparse.Namespace, info) -> str:
@@ -77,9 +78,8 @@ def _start_local_swarm(stack: contextlib.ExitStack, args: argparse.Namespace, in
     return swarm.bootstrap_address
 
 
-def _generate(model, info, args: argparse.Namespace) -> int:
-    import torch
-    from transformers import AutoTokenizer, TextStreamer
+def _encode_prompt(info, args: argparse.Namespace):
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(info.source.path)
     if args.chat:
@@ -91,6 +91,13 @@ def _generate(model, info, args: argparse.Namespace) -> int:
         )["input_ids"]
     else:
         input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    return tokenizer, input_ids
+
+
+def _generate(model, tokenizer, input_ids, args: argparse.Namespace) -> int:
+    import torch
+    from transformers import TextStreamer
+
     sampling = any(v is not None for v in (args.temperature, args.top_p, args.top_k))
     options: dict = {"max_new_tokens": args.max_new_tokens, "do_sample": sampling}
     if sampling:
@@ -103,9 +110,7 @@ def _generate(model, info, args: argparse.Namespace) -> int:
     else:
         # Greedy: clear sampling defaults a model's generation_config may carry, so nothing warns or samples.
         options.update(temperature=None, top_p=None, top_k=None)
-    streamer = TextStreamer(tokenizer, skip_prompt=args.chat, skip_special_tokens=True)
-    if not args.chat:
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     started = time.perf_counter()
     with model.inference_session(max_length=input_ids.shape[1] + args.max_new_tokens):
         # The session is open (every route found, caches reserved) before the prompt is echoed, so a failure

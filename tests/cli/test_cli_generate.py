@@ -20,6 +20,7 @@ def _petalnode(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[
 
 
 def test_generate_prints_the_greedy_continuation(tiny_model_dir: Path) -> None:
+    """Without --bootstrap: a local swarm of real processes is started, used, and shut down (what `make run` does)."""
     prompt = "The capital of France is"
     result = _petalnode("generate", prompt, "--model", str(tiny_model_dir), "--max-new-tokens", "12")
     assert result.returncode == 0, result.stderr
@@ -31,11 +32,12 @@ def test_generate_prints_the_greedy_continuation(tiny_model_dir: Path) -> None:
     assert result.stdout.startswith(prompt)
     assert result.stdout.strip() == (prompt + expected).strip()
     assert "12 tokens" in result.stderr
+    assert "starting a local swarm" in result.stderr and "local swarm ready" in result.stderr
 
 
 def test_seeded_sampling_is_reproducible(tiny_model_dir: Path) -> None:
     args = ("generate", "one two", "--model", str(tiny_model_dir), "--max-new-tokens", "10",
-            "--temperature", "1.5", "--seed", "7")
+            "--temperature", "1.5", "--seed", "7", "--in-process")
     first, second = _petalnode(*args), _petalnode(*args)
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout
