@@ -165,3 +165,42 @@ async def test_full_server_is_skipped_for_one_with_room(tiny_model_dir: Path) ->
             await asyncio.to_thread(chain.close)
     finally:
         await _stop(small, big, bootstrap)
+
+
+@pytest.mark.parametrize("corruption", ["wrong_shape", "non_finite"])
+async def test_malformed_replies_count_as_failures(tiny_model_dir: Path, corruption: str) -> None:
+    """A server that answers with the wrong shape or NaNs is banned and replaced; the output stays exact."""
+    bootstrap, (evil,) = await _start_swarm(tiny_model_dir, [(0, 6)])
+    honest = None
+    span = evil.hosted.span
+    honest_forward = span.forward_span
+
+    def corrupt(hidden, cache, positions):
+        out = honest_forward(hidden, cache, positions)
+        if positions.shape[1] == 1 and int(positions[0, 0]) >= 6:  # misbehave once decoding is under way
+            return out[:, :, :-1] if corruption == "wrong_shape" else torch.full_like(out, float("nan"))
+        return out
+
+    span.forward_span = corrupt
+    try:
+        info = load_model_info(tiny_model_dir)
+        model = await asyncio.to_thread(AutoDistributedModelForCausalLM.from_pretrained, tiny_model_dir,
+                                        bootstrap=[str(bootstrap.address)])
+        # The session is routed while the evil server is the only one; the honest one arrives afterwards.
+        context = model.inference_session(max_length=20)
+        session = await asyncio.to_thread(context.__enter__)
+        honest = Node(bootstrap=[bootstrap.address], serve=ServeOptions(model=str(tiny_model_dir), blocks=(0, 6)))
+        await honest.start()
+        prompt = torch.tensor([[9, 8, 7, 6, 5]])
+        try:
+            out = await asyncio.to_thread(model.generate, prompt, max_new_tokens=10, do_sample=False)
+            reroutes, route = session.reroutes, [hop.peer_id for hop in session.session.hops]
+        finally:
+            await asyncio.to_thread(context.__exit__, None, None, None)
+            await asyncio.to_thread(model.close)
+        reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        assert torch.equal(out, reference.generate(prompt, max_new_tokens=10, do_sample=False))
+        assert reroutes == 1 and route == [honest.identity.peer_id]
+        assert info.num_blocks == 6
+    finally:
+        await _stop(*([honest] if honest else []), evil, bootstrap)
