@@ -4,7 +4,9 @@ A node behind NAT keeps an RPC connection to a public peer (its bootstrap) and r
 reachable as `webrtc://RELAY_HOST:RELAY_PORT/NODE_PEER_ID`. A dialler sends its signed offer over RPC to the relay
 (verb "webrtc_relay"), the relay forwards it over the standing connection (verb "webrtc_offer"), and the answer
 comes back the same way. Public nodes also answer STUN binding requests (port given by "webrtc_info"), so both
-sides learn their server-reflexive addresses from the relay.
+sides learn their server-reflexive addresses from the relay. When no direct path exists (symmetric NAT), the
+dialler opens stream "relay_open" to the relay, which opens "relay_accept" to the target over the standing
+connection and pipes opaque, end-to-end encrypted `RelayData` both ways under a bandwidth cap.
 
 Why the address names the relay's host and port but not its peer id: offer and answer are signed end to end
 (`petalnode.transport._webrtc_signing`), so the relay is not trusted with anything but delivery; PeerAddress
@@ -15,6 +17,8 @@ Invariants:
   in its TCP handshake (a peer cannot register in another's name).
 - Registration includes a dial-back: the relay tries the node's own TCP address (bounded by
   DIAL_BACK_TIMEOUT_S); a node that is reachable directly announces tcp://, otherwise webrtc:// via the relay.
+- Relayed bytes (both directions, all sessions) never exceed `NatOptions.relay_bytes_per_s` on average (a token
+  bucket with one second of burst), and at most MAX_RELAYED sessions run at once.
 - A lost relay connection is re-registered in the background with exponential backoff (bounded) until aclose.
 """
 
@@ -28,7 +32,14 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from petalnode.codecs import Message, register_message, wire_field
-from petalnode.errors import BadRequestError, ConfigError, PetalnodeError, TransportError, UnknownSessionError
+from petalnode.errors import (
+    BadRequestError,
+    BusyError,
+    ConfigError,
+    PetalnodeError,
+    TransportError,
+    UnknownSessionError,
+)
 from petalnode.identity import PEER_ID_BYTES, Identity, PeerAddress, PeerId
 from petalnode.transport import (
     RPC,
@@ -36,6 +47,8 @@ from petalnode.transport import (
     Connection,
     IceServer,
     MultiTransport,
+    RelayData,
+    RPCStream,
     SignedDescription,
     StunServer,
     TcpTransport,
@@ -52,6 +65,7 @@ MAX_REGISTERED = 1024
 RECONNECT_MIN_S = 1.0
 RECONNECT_MAX_S = 30.0
 MAX_ADDRESS_CHARS = 300
+MAX_RELAYED = 64
 
 
 @register_message
@@ -90,6 +104,45 @@ class RelayOffer(Message):
     offer: SignedDescription
 
 
+@register_message
+class RelayOpen(Message):
+    """First message of a "relay_open" stream: pipe me to `target`."""
+
+    KIND: ClassVar[str] = "node.webrtc.relay_open"
+    VERSION: ClassVar[int] = 1
+    target: bytes = wire_field(max_len=PEER_ID_BYTES)
+
+
+@register_message
+class RelayAccept(Message):
+    """First message of a "relay_accept" stream: a relayed connection from `source` (unproven until its
+    handshake)."""
+
+    KIND: ClassVar[str] = "node.webrtc.relay_accept"
+    VERSION: ClassVar[int] = 1
+    source: bytes = wire_field(max_len=PEER_ID_BYTES)
+
+
+class TokenBucket:
+    """At most `rate` units per second on average, with bursts of up to `burst` units (awaits when empty)."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._at: float | None = None
+
+    async def take(self, amount: float) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._at is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        self._tokens -= amount  # may go negative: the debt is paid by waiting
+        if self._tokens < 0:
+            await asyncio.sleep(-self._tokens / self.rate)
+
+
 @dataclass(frozen=True)
 class NatOptions:
     """How a node deals with NAT.
@@ -98,12 +151,15 @@ class NatOptions:
         mode: "auto" (dial-back check decides), "public" (announce TCP only) or "nat" (announce WebRTC via the
             first bootstrap that accepts us, even when a dial-back would succeed).
         stun: run a STUN server (public nodes; harmless elsewhere).
-        turn: TURN server URLs (`turn:USER:PASS@HOST:PORT`) for when direct connection fails (symmetric NAT).
+        turn: TURN server URLs (`turn:USER:PASS@HOST:PORT`) tried by ICE besides direct paths.
+        relay_bytes_per_s: this node's cap on data it relays for others when direct connection fails (0: relay
+            nothing). The default 4 MiB/s is a home uplink's worth; tokens of a small model need far less.
     """
 
     mode: str = "auto"
     stun: bool = True
     turn: tuple[str, ...] = ()
+    relay_bytes_per_s: float = 4 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "public", "nat"):
@@ -129,6 +185,9 @@ class Signaling:
         self._registered: dict[PeerId, Connection] = {}
         self._stun_ports: dict[str, int] = {}
         self._relay_task: asyncio.Task[None] | None = None
+        self._bucket = TokenBucket(self.options.relay_bytes_per_s, self.options.relay_bytes_per_s)
+        self._relayed = 0
+        self.relayed_bytes = 0
         self.relay: PeerAddress | None = None
         self.reachable: bool | None = None
 
@@ -143,6 +202,8 @@ class Signaling:
         rpc.add_unary_handler("webrtc_register", self.rpc_webrtc_register, request_type=RelayRegister)
         rpc.add_unary_handler("webrtc_relay", self.rpc_webrtc_relay, request_type=RelayOffer)
         rpc.add_unary_handler("webrtc_offer", self.rpc_webrtc_offer, request_type=SignedDescription)
+        rpc.add_stream_handler("relay_open", self.rpc_relay_open, request_type=(RelayOpen, RelayData))
+        rpc.add_stream_handler("relay_accept", self.rpc_relay_accept, request_type=(RelayAccept, RelayData))
 
     @property
     def rpc(self) -> RPC:
@@ -238,6 +299,16 @@ class Signaling:
         assert isinstance(reply, SignedDescription)
         return reply
 
+    async def open_relay(self, address: PeerAddress) -> RPCStream:
+        assert address.peer_id is not None
+        stream = await self.rpc.open_stream(_tcp(address), "relay_open", expected=RelayData)
+        try:
+            await stream.send(RelayOpen(target=address.peer_id.raw))
+        except BaseException:
+            await stream.aclose()
+            raise
+        return stream
+
     # ---- RPC handlers ---------------------------------------------------------------------------------------
 
     async def rpc_webrtc_info(self, request: Message, context: CallContext) -> WebRTCInfo:
@@ -293,6 +364,57 @@ class Signaling:
             return await self.webrtc.accept_offer(request)
         except TransportError as e:
             raise BadRequestError(f"offer refused: {e}") from None
+
+    async def rpc_relay_open(self, upstream: RPCStream, context: CallContext) -> None:
+        """Pipe the caller to a registered peer (the relay path for symmetric NATs), under the bandwidth cap."""
+        request = await upstream.receive(timeout_s=FORWARD_TIMEOUT_S)
+        if not isinstance(request, RelayOpen):
+            raise BadRequestError("a relay_open stream starts with RelayOpen")
+        if self.options.relay_bytes_per_s <= 0 or self._relayed >= MAX_RELAYED:
+            raise BusyError("this node relays no more connections now")
+        try:
+            target = PeerId(request.target)
+        except ValueError:
+            raise BadRequestError("target is not a peer id") from None
+        connection = self._registered.get(target)
+        if connection is None or connection.closed:
+            raise UnknownSessionError(f"peer {target} is not registered with this relay")
+        self._relayed += 1
+        try:
+            downstream = await self.rpc.open_stream(connection, "relay_accept", expected=RelayData)
+            try:
+                await downstream.send(RelayAccept(source=context.remote_peer_id.raw))
+                log.info("relaying %s -> %s", context.remote_peer_id, target)
+                await self._pipe(upstream, downstream)
+            finally:
+                await downstream.aclose()
+        finally:
+            self._relayed -= 1
+
+    async def _pipe(self, a: RPCStream, b: RPCStream) -> None:
+        async def copy(source: RPCStream, sink: RPCStream) -> None:
+            while True:
+                message = await source.receive()
+                if not isinstance(message, RelayData):
+                    raise BadRequestError("only RelayData travels through a relay")
+                await self._bucket.take(len(message.data))
+                self.relayed_bytes += len(message.data)
+                await sink.send(message)
+
+        tasks = [asyncio.create_task(copy(a, b)), asyncio.create_task(copy(b, a))]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def rpc_relay_accept(self, stream: RPCStream, context: CallContext) -> None:
+        """A relayed connection arriving through our relay (`context` is the relay)."""
+        first = await stream.receive(timeout_s=FORWARD_TIMEOUT_S)
+        if not isinstance(first, RelayAccept):
+            raise BadRequestError("a relay_accept stream starts with RelayAccept")
+        await self.webrtc.accept_relayed(stream, via=f"relay {context.remote_peer_id}")
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
 

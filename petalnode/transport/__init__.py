@@ -17,11 +17,12 @@ from petalnode.transport._base import (
 from petalnode.transport._memory import LinkConfig, MemoryDatagramTransport, MemoryNetwork
 from petalnode.transport._memory_transport import MemoryTransport
 from petalnode.transport._multi import MultiTransport
+from petalnode.transport._relayed import RelayData
 from petalnode.transport._rpc import RPC, RPC_TIMEOUT_S, CallContext, StreamHandler, UnaryHandler
 from petalnode.transport._rpc_stream import HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, RPCStream
 from petalnode.transport._stun import StunServer
 from petalnode.transport._tcp import TcpTransport
-from petalnode.transport._webrtc import IceServer, Signaler, WebRTCTransport, describe_path
+from petalnode.transport._webrtc import IceServer, RelaySignaler, Signaler, WebRTCTransport, describe_path
 from petalnode.transport._webrtc_signing import SignedDescription
 
 __all__ = [
@@ -43,6 +44,8 @@ __all__ = [
     "MemoryTransport",
     "MultiTransport",
     "RPCStream",
+    "RelayData",
+    "RelaySignaler",
     "Signaler",
     "SignedDescription",
     "Stream",

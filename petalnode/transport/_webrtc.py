@@ -14,6 +14,9 @@
 #   gives up after about 64 s.
 # - aiortc notices a dead peer only after about 33 s; the mux keepalive (defaults below: ping every 2 s, drop
 #   after 8 s of silence) bounds it, and an ICE/DTLS "failed" or "closed" state closes the channel at once.
+# - Relay fallback: when the signaler can relay (`open_relay`) and the direct attempt has not opened within
+#   DIRECT_SHARE of the connect timeout (symmetric NATs never do), the rest of the budget goes to an end-to-end
+#   encrypted connection piped through the relay (`_relayed.py`). Identity errors never fall back.
 # - aiortc/aioice exceptions never escape: they become `TransportError` subclasses in `_map_errors`.
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from petalnode.errors import (
     HandshakeError,
     InvalidStateError,
     LocalProtocolError,
+    PeerIdMismatchError,
     PetalnodeError,
     TransportError,
 )
@@ -45,6 +49,8 @@ from petalnode.transport import _webrtc_signing as signing
 from petalnode.transport._base import CONNECT_TIMEOUT_S, ConnectionConfig, ConnectionHandler
 from petalnode.transport._frames import HEADER_BYTES
 from petalnode.transport._mux import MuxConnection
+from petalnode.transport._relayed import RelayedFrames, secure_relayed
+from petalnode.transport._rpc_stream import RPCStream
 from petalnode.transport._webrtc_signing import SignedDescription
 
 log = logging.getLogger(__name__)
@@ -63,6 +69,9 @@ KEEPALIVE_TIMEOUT_S = 8.0
 HANDSHAKE_TIMEOUT_S = 10.0
 # Offers being answered at once; more are refused (an offer costs sockets and a DTLS key).
 MAX_PENDING_ACCEPTS = 16
+# Share of the connect timeout given to the direct (ICE) attempt before falling back to the relay. Direct
+# connections through ordinary NATs opened in about 0.5 s on the NAT bed; ICE failure takes aioice over a minute.
+DIRECT_SHARE = 0.6
 _CLOSE_TIMEOUT_S = 2.0
 _LABEL = "petalnode"
 
@@ -76,6 +85,14 @@ class Signaler(Protocol):
 
     async def exchange(self, address: PeerAddress, offer: SignedDescription) -> SignedDescription:
         """Deliver `offer` to `address.peer_id` and return its answer; raise `TransportError` if it cannot."""
+        ...
+
+
+class RelaySignaler(Signaler, Protocol):
+    """A signaler whose relay can also carry the data when no direct path exists."""
+
+    async def open_relay(self, address: PeerAddress) -> RPCStream:
+        """A stream that the relay of `address` pipes to `address.peer_id` (opaque `RelayData` both ways)."""
         ...
 
 
@@ -233,6 +250,7 @@ class WebRTCTransport:
             dialled peer's relay. Never a public default.
         config: mux limits; by default the WebRTC keepalive bound above.
         handshake_timeout_s: how long an answered offer may take to open.
+        relay_fallback: when the signaler can relay, fall back to it if no direct path opens in time.
     """
 
     scheme = SCHEME
@@ -245,8 +263,10 @@ class WebRTCTransport:
         ice_servers: Sequence[IceServer | str] = (),
         config: ConnectionConfig | None = None,
         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+        relay_fallback: bool = True,
     ) -> None:
         self._identity = identity
+        self.relay_fallback = relay_fallback
         self.signaler = signaler
         self.ice_servers: list[IceServer] = [s if isinstance(s, IceServer) else IceServer.parse(s) for s in ice_servers]
         self.config = config or ConnectionConfig(
@@ -279,8 +299,9 @@ class WebRTCTransport:
         self._relay = relay
 
     def connection_paths(self) -> dict[PeerId, str]:
-        """For each open connection, the ICE candidate pair it uses, e.g. 'srflx -> host' or 'relay -> srflx'."""
-        return {c.remote_peer_id: describe_path(c._channel.pc) for c in self._connections}  # type: ignore[attr-defined]
+        """How each open connection travels: its ICE candidate pair (see `describe_path`) when direct, or
+        'relayed via HOST:PORT' through a petalnode relay."""
+        return {c.remote_peer_id: _path_of(c._channel) for c in self._connections}  # type: ignore[attr-defined]
 
     def __repr__(self) -> str:
         return f"<WebRTCTransport {self._identity.peer_id}>"
@@ -379,7 +400,8 @@ class WebRTCTransport:
     # ---- dialling -----------------------------------------------------------------------------------------
 
     async def dial(self, address: PeerAddress, *, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> MuxConnection:
-        """Connect to `address.peer_id` through the signaler; see `Transport.dial` for the errors."""
+        """Connect to `address.peer_id` through the signaler, directly if possible, else through its relay;
+        see `Transport.dial` for the errors."""
         self._check_open()
         if address.scheme != SCHEME:
             raise TransportError(f"WebRTC transport cannot dial {address} (scheme {address.scheme!r})")
@@ -387,6 +409,75 @@ class WebRTCTransport:
             raise TransportError(f"cannot dial {address}: a webrtc:// address must name the peer id")
         if self.signaler is None:
             raise TransportError(f"cannot dial {address}: this WebRTC transport has no signaler")
+        can_relay = self.relay_fallback and hasattr(self.signaler, "open_relay")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + connect_timeout_s
+        try:
+            return await self._dial_direct(address, connect_timeout_s * DIRECT_SHARE if can_relay
+                                           else connect_timeout_s)
+        except (ConnectTimeoutError, ConnectionClosedError) as e:
+            remaining = deadline - loop.time()
+            if not can_relay or remaining <= 0:
+                raise
+            log.info("no direct WebRTC path to %s (%s); trying its relay", address, e)
+        return await self._dial_relayed(address, remaining)
+
+    async def _dial_relayed(self, address: PeerAddress, timeout_s: float) -> MuxConnection:
+        assert address.peer_id is not None and self.signaler is not None
+        stream: RPCStream | None = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                stream = await self.signaler.open_relay(address)  # type: ignore[attr-defined]
+                frames, remote_id = await secure_relayed(stream, self._identity, initiator=True,
+                                                         max_frame=self._max_frame, via=_relay_name(address))
+        except TimeoutError:
+            if stream is not None:
+                await stream.aclose()
+            raise ConnectTimeoutError(f"dialling {address} through its relay took longer than the connect "
+                                      "timeout") from None
+        except BaseException:
+            if stream is not None:
+                await stream.aclose()
+            raise
+        if remote_id != address.peer_id:
+            await frames.aclose()
+            raise PeerIdMismatchError(f"the peer behind relay {_relay_name(address)} proved id {remote_id}, "
+                                      f"not {address.peer_id}")
+        if self._closed:
+            await frames.aclose()
+            self._check_open()
+        log.info("relayed connection to %s via %s", remote_id, frames.via)
+        return self._adopt(frames, initiator=True, remote_id=remote_id, remote_address=address)
+
+    async def accept_relayed(self, stream: RPCStream, *, via: str) -> None:
+        """Serve one relayed connection arriving on `stream` until it closes (the relay's stream handler runs this).
+
+        Raises:
+            HandshakeError / ConnectTimeoutError: the dialler failed to prove an identity in time.
+            TransportError: we are not listening.
+        """
+        self._check_open()
+        handler = self._handler
+        if handler is None:
+            raise TransportError("this node does not accept connections")
+        try:
+            async with asyncio.timeout(self._handshake_timeout_s):
+                frames, remote_id = await secure_relayed(stream, self._identity, initiator=False,
+                                                         max_frame=self._max_frame, via=via)
+        except TimeoutError:
+            raise ConnectTimeoutError(f"relayed handshake took over {self._handshake_timeout_s} s") from None
+        connection = self._adopt(frames, initiator=False, remote_id=remote_id, remote_address=None)
+        log.info("relayed connection from %s via %s", remote_id, via)
+        try:
+            await handler(connection)
+            await connection.wait_closed()
+        except ConnectionClosedError:
+            pass
+        finally:
+            await connection.aclose()
+
+    async def _dial_direct(self, address: PeerAddress, connect_timeout_s: float) -> MuxConnection:
+        assert address.peer_id is not None and self.signaler is not None
         pc: RTCPeerConnection | None = None
         try:
             async with asyncio.timeout(connect_timeout_s):
@@ -417,7 +508,8 @@ class WebRTCTransport:
         return self._adopt(frames, initiator=True, remote_id=remote_id, remote_address=address)
 
     def _adopt(
-        self, frames: _DataChannelFrames, *, initiator: bool, remote_id: PeerId, remote_address: PeerAddress | None
+        self, frames: _DataChannelFrames | RelayedFrames, *, initiator: bool, remote_id: PeerId,
+        remote_address: PeerAddress | None,
     ) -> MuxConnection:
         connection = MuxConnection(
             frames, initiator=initiator, local_peer_id=self.local_peer_id, remote_peer_id=remote_id,
@@ -441,6 +533,16 @@ class WebRTCTransport:
         for pc in list(self._pending):
             await _close_pc(pc)
         self._pending.clear()
+
+
+def _relay_name(address: PeerAddress) -> str:
+    return f"{address.host}:{address.port}"
+
+
+def _path_of(channel: _DataChannelFrames | RelayedFrames) -> str:
+    if isinstance(channel, RelayedFrames):
+        return f"relayed via {channel.via}"
+    return describe_path(channel.pc)
 
 
 def describe_path(pc: RTCPeerConnection) -> str:

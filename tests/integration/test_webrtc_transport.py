@@ -208,3 +208,46 @@ async def test_stun_server_answers_binding_requests() -> None:
             assert response.attributes["XOR-MAPPED-ADDRESS"] == sock.getsockname()
             assert len(data) <= len(bytes(request)) + 20
             assert server.answered == 1
+
+
+async def test_relay_carries_rpc_when_no_direct_path_exists(monkeypatch: pytest.MonkeyPatch) -> None:
+    relay = Node(nat=NatOptions(mode="public"))
+    await relay.start()
+    behind = Node(bootstrap=[relay.address], nat=NatOptions(mode="nat"))
+    client = Signaling(Identity.generate())
+    transport = client.transport()
+    rpc = RPC(transport)
+
+    async def no_direct_path(address: PeerAddress, timeout_s: float):
+        await asyncio.sleep(timeout_s)  # what a symmetric NAT on both sides looks like: ICE never completes
+        raise ConnectTimeoutError("no direct path")
+
+    monkeypatch.setattr(client.webrtc, "_dial_direct", no_direct_path)
+    try:
+        await behind.start()
+        started = time.perf_counter()
+        reply = await rpc.call(behind.address, "webrtc_info", WebRTCInfoRequest(), expected=WebRTCInfo)
+        assert isinstance(reply, WebRTCInfo)
+        assert time.perf_counter() - started < rpc.connect_timeout_s + 1.0
+        paths = client.webrtc.connection_paths()
+        assert paths == {behind.identity.peer_id: f"relayed via {relay.address.host}:{relay.address.port}"}
+        assert relay._signaling.relayed_bytes > 0
+        for _ in range(10):  # the relayed connection is pooled and keeps serving
+            await rpc.call(behind.address, "webrtc_info", WebRTCInfoRequest(), expected=WebRTCInfo)
+    finally:
+        await rpc.aclose()
+        await transport.aclose()
+        await behind.aclose()
+        await relay.aclose()
+
+
+async def test_relay_bandwidth_cap() -> None:
+    from petalnode.node._signaling import TokenBucket
+
+    bucket = TokenBucket(rate=200_000, burst=200_000)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await bucket.take(200_000)  # the burst passes at once
+    assert loop.time() - started < 0.05
+    await bucket.take(100_000)  # then 0.5 s per 100 kB
+    assert 0.4 < loop.time() - started < 1.0

@@ -1,0 +1,169 @@
+# The relay fallback's end-to-end channel: mux frames over an RPC stream that a public peer pipes to the other
+# side, for when no direct WebRTC path exists (symmetric NAT on both sides, or UDP blocked).
+#
+# The relay only moves opaque `RelayData` messages. Both ends run the TCP transport's signed X25519 handshake
+# (`_handshake.py`) inside the piped stream and then exchange ChaCha20-Poly1305 records, so the relay can neither
+# read nor alter the traffic, nor pose as either end (the proofs sign the transcript of the ephemeral keys).
+#
+# Invariants:
+# - One `RelayData` message is one HELLO or one sealed record (length prefix | ciphertext).
+# - `write_frame` seals and queues without blocking; one writer task sends in order; `drain` waits while more than
+#   HIGH_WATER_BYTES are queued, so the outer stream's flow control pushes back on the mux above.
+# - Any error on the stream (relay gone, heartbeat lost, tampering) surfaces as `ConnectionClosedError`.
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from typing import ClassVar
+
+from petalnode.codecs import Message, register_message, wire_field
+from petalnode.errors import (
+    ClosedResourceError,
+    CodecError,
+    ConnectionClosedError,
+    HandshakeError,
+    LocalProtocolError,
+    PetalnodeError,
+    RemoteError,
+    TransportError,
+)
+from petalnode.identity import Identity, PeerId
+from petalnode.transport import _handshake as hs
+from petalnode.transport._rpc_stream import RPCStream
+
+HIGH_WATER_BYTES = 1024 * 1024
+# A sealed record: 4-byte length, the frame, a 16-byte tag; frames are at most 240 KiB + 6.
+MAX_RECORD_BYTES = 256 * 1024
+
+
+@register_message
+class RelayData(Message):
+    """One opaque unit of a relayed connection (a HELLO or a sealed record)."""
+
+    KIND: ClassVar[str] = "transport.relay.data"
+    VERSION: ClassVar[int] = 1
+    data: bytes = wire_field(max_len=MAX_RECORD_BYTES)
+
+
+class RelayedFrames:
+    """Sealed mux frames over a piped `RPCStream` (implements `FrameChannel`)."""
+
+    def __init__(self, stream: RPCStream, sealer: hs.RecordSealer, opener: hs.RecordOpener, max_frame: int,
+                 via: str) -> None:
+        self._stream = stream
+        self._sealer = sealer
+        self._opener = opener
+        self.max_frame_bytes = max_frame
+        self.via = via
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._queued_bytes = 0
+        self._wake_writer = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._error: TransportError | None = None
+        self._closed = False
+        self._writer = asyncio.create_task(self._write_loop(), name="relayed-writer")
+
+    def write_frame(self, frame: bytes) -> None:
+        if self._error is not None or self._closed:
+            raise ConnectionClosedError(str(self._error or "relayed connection is closed"))
+        if len(frame) > self.max_frame_bytes:
+            raise LocalProtocolError(f"frame of {len(frame)} bytes exceeds max_frame_bytes={self.max_frame_bytes}")
+        record = self._sealer.seal(frame)
+        self._queue.append(record)
+        self._queued_bytes += len(record)
+        if self._queued_bytes > HIGH_WATER_BYTES:
+            self._drained.clear()
+        self._wake_writer.set()
+
+    async def drain(self) -> None:
+        await self._drained.wait()
+        if self._error is not None:
+            raise ConnectionClosedError(str(self._error))
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                while not self._queue:
+                    self._wake_writer.clear()
+                    await self._wake_writer.wait()
+                record = self._queue.popleft()
+                await self._stream.send(RelayData(data=record))
+                self._queued_bytes -= len(record)
+                if self._queued_bytes <= HIGH_WATER_BYTES:
+                    self._drained.set()
+        except (PetalnodeError, ClosedResourceError) as e:
+            self._fail(ConnectionClosedError(f"relayed connection lost while sending: {e}"))
+
+    def _fail(self, error: TransportError) -> None:
+        if self._error is None:
+            self._error = error
+        self._drained.set()
+
+    async def receive_frame(self) -> bytes:
+        if self._error is not None:
+            raise ConnectionClosedError(str(self._error))
+        try:
+            message = await self._stream.receive()
+        except (TransportError, RemoteError, CodecError, ClosedResourceError) as e:
+            self._fail(ConnectionClosedError(f"relayed connection lost: {e}"))
+            raise ConnectionClosedError(f"relayed connection lost: {e}") from None
+        assert isinstance(message, RelayData)
+        return _open(self._opener, message.data)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._fail(ConnectionClosedError("relayed connection closed locally"))
+        self._writer.cancel()
+        with contextlib.suppress(BaseException):
+            await self._writer
+        await self._stream.aclose()
+
+
+def _open(opener: hs.RecordOpener, record: bytes) -> bytes:
+    prefix, ciphertext = record[: hs.LENGTH_PREFIX.size], record[hs.LENGTH_PREFIX.size :]
+    if len(prefix) != hs.LENGTH_PREFIX.size or opener.record_length(prefix) != len(ciphertext):
+        raise ConnectionClosedError("relayed record with a wrong length prefix")
+    return opener.open(prefix, ciphertext)
+
+
+async def secure_relayed(
+    stream: RPCStream, identity: Identity, *, initiator: bool, max_frame: int, via: str
+) -> tuple[RelayedFrames, PeerId]:
+    """Run the signed handshake over a piped stream; the caller bounds it in time.
+
+    Returns:
+        The frame channel and the peer id the other end proved.
+    Raises:
+        HandshakeError: the other end failed to prove an identity (or is not speaking our protocol).
+        ConnectionClosedError: the relay or the other end went away.
+    """
+    role = hs.Role.INITIATOR if initiator else hs.Role.RESPONDER
+    ephemeral = hs.EphemeralKey()
+    try:
+        await stream.send(RelayData(data=ephemeral.hello()))
+        hello = await stream.receive()
+    except (TransportError, RemoteError, CodecError) as e:
+        raise ConnectionClosedError(f"relayed handshake failed: {e}") from None
+    assert isinstance(hello, RelayData)
+    peer_ephemeral = hs.parse_hello(hello.data)
+    first, second = (ephemeral.public, peer_ephemeral) if initiator else (peer_ephemeral, ephemeral.public)
+    th = hs.transcript_hash(first, second)
+    send_key, receive_key = hs.derive_keys(ephemeral.exchange(peer_ephemeral), th, role)
+    frames = RelayedFrames(stream, hs.RecordSealer(send_key), hs.RecordOpener(receive_key, max_frame), max_frame,
+                           via)
+    try:
+        frames.write_frame(hs.make_proof(identity, role, th))
+        await frames.drain()
+        try:
+            proof = await frames.receive_frame()
+        except PetalnodeError as e:
+            raise HandshakeError(f"bad identity proof over the relay: {e}") from None
+        return frames, hs.verify_proof(proof, role.other, th)
+    except BaseException:
+        await frames.aclose()
+        raise
