@@ -251,6 +251,7 @@ class WebRTCTransport:
         config: mux limits; by default the WebRTC keepalive bound above.
         handshake_timeout_s: how long an answered offer may take to open.
         relay_fallback: when the signaler can relay, fall back to it if no direct path opens in time.
+        direct: False skips ICE and always uses the relay (UDP known to be blocked; tests and benchmarks).
     """
 
     scheme = SCHEME
@@ -264,9 +265,11 @@ class WebRTCTransport:
         config: ConnectionConfig | None = None,
         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
         relay_fallback: bool = True,
+        direct: bool = True,
     ) -> None:
         self._identity = identity
         self.relay_fallback = relay_fallback
+        self.direct = direct
         self.signaler = signaler
         self.ice_servers: list[IceServer] = [s if isinstance(s, IceServer) else IceServer.parse(s) for s in ice_servers]
         self.config = config or ConnectionConfig(
@@ -410,6 +413,10 @@ class WebRTCTransport:
         if self.signaler is None:
             raise TransportError(f"cannot dial {address}: this WebRTC transport has no signaler")
         can_relay = self.relay_fallback and hasattr(self.signaler, "open_relay")
+        if not self.direct:
+            if not can_relay:
+                raise TransportError(f"cannot dial {address}: direct WebRTC is off and the signaler cannot relay")
+            return await self._dial_relayed(address, connect_timeout_s)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + connect_timeout_s
         try:

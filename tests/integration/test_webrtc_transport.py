@@ -223,6 +223,9 @@ async def test_relay_carries_rpc_when_no_direct_path_exists(monkeypatch: pytest.
         raise ConnectTimeoutError("no direct path")
 
     monkeypatch.setattr(client.webrtc, "_dial_direct", no_direct_path)
+    always_relay = Signaling(Identity.generate())
+    always_relay.webrtc.direct = False
+    relay_only = always_relay.transport()
     try:
         await behind.start()
         started = time.perf_counter()
@@ -234,7 +237,13 @@ async def test_relay_carries_rpc_when_no_direct_path_exists(monkeypatch: pytest.
         assert relay._signaling.relayed_bytes > 0
         for _ in range(10):  # the relayed connection is pooled and keeps serving
             await rpc.call(behind.address, "webrtc_info", WebRTCInfoRequest(), expected=WebRTCInfo)
+        started = time.perf_counter()
+        connection = await relay_only.dial(behind.address, connect_timeout_s=5.0)  # direct=False: no ICE wait
+        assert time.perf_counter() - started < 2.0
+        assert always_relay.webrtc.connection_paths()[behind.identity.peer_id].startswith("relayed via")
+        await connection.aclose()
     finally:
+        await relay_only.aclose()
         await rpc.aclose()
         await transport.aclose()
         await behind.aclose()
