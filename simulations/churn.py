@@ -97,6 +97,8 @@ class Scenario:
     generation_bound_s: float = 900.0
     dht_probe_period_s: float = 60.0
     dht_rpc_timeout_s: float | None = None  # None: the DHT's default
+    dht_ksize: int | None = None  # Kademlia k (replication and bucket size); None: the DHT's default (20)
+    rebalance_period_s: float | None = 120.0  # None: servers never move
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -217,6 +219,8 @@ class ChurnSimulation:
         dht_options: dict[str, Any] = {}
         if self.scenario.dht_rpc_timeout_s is not None:
             dht_options["rpc_timeout_s"] = self.scenario.dht_rpc_timeout_s
+        if self.scenario.dht_ksize is not None:
+            dht_options["ksize"] = self.scenario.dht_ksize
         return {
             "transport": self.network.transport(identity, host),
             "endpoint_factory": self.network.create_datagram_endpoint,
@@ -246,9 +250,9 @@ class ChurnSimulation:
         if s.server_memory_gib is not None:
             gib = rng.uniform(*s.server_memory_gib)
             return ServeOptions(model=MODEL, vram_bytes=int(gib * 1024**3), join_jitter_s=s.join_jitter_s,
-                                seed=rng.randrange(2**32))
+                                rebalance_period_s=s.rebalance_period_s, seed=rng.randrange(2**32))
         return ServeOptions(model=MODEL, num_blocks=rng.randint(*s.blocks_per_server), join_jitter_s=s.join_jitter_s,
-                            seed=rng.randrange(2**32))
+                            rebalance_period_s=s.rebalance_period_s, seed=rng.randrange(2**32))
 
     async def _run_server(self, index: int, delay_s: float, stable: bool) -> None:
         s = self.scenario
@@ -550,6 +554,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, argparse.Namesp
     p.add_argument("--wait-for-blocks-s", type=float, default=d.wait_for_blocks_s)
     p.add_argument("--load-s-per-block", type=float, default=d.load_s_per_block)
     p.add_argument("--dht-probe-period-s", type=float, default=d.dht_probe_period_s)
+    p.add_argument("--dht-ksize", type=int, default=None, help="Kademlia k (default: the DHT's, 20)")
+    p.add_argument("--rebalance-period-s", type=float, default=d.rebalance_period_s, help="0 = servers never move")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--log-level", default="error", help="log level of the node code (warnings are counted anyway)")
     a = p.parse_args(argv)
@@ -561,14 +567,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, argparse.Namesp
         partitions_per_hour=a.partitions_per_hour, partition_s=a.partition_s, prompt_tokens=a.prompt_tokens,
         new_tokens=a.new_tokens, mean_think_s=a.think_s, record_ttl_s=a.record_ttl_s,
         step_timeout_s=a.step_timeout_s, wait_for_blocks_s=a.wait_for_blocks_s,
-        load_s_per_block=a.load_s_per_block, dht_probe_period_s=a.dht_probe_period_s, seed=a.seed,
+        load_s_per_block=a.load_s_per_block, dht_probe_period_s=a.dht_probe_period_s, dht_ksize=a.dht_ksize,
+        rebalance_period_s=a.rebalance_period_s or None, seed=a.seed,
     )
     return scenario, a
 
 
 def main(argv: list[str] | None = None) -> int:
     scenario, args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    # Node warnings must reach the simulator's counter even when they are not printed.
+    handler = logging.StreamHandler()
+    handler.setLevel(args.log_level.upper())
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(min(handler.level, logging.WARNING))
     result = run_scenario(scenario)
     print(json.dumps(result, indent=2, default=str))
     return 0
