@@ -66,3 +66,21 @@ def test_every_generation_while_covered_is_exact_and_none_hangs(ci_metrics: dict
 def test_the_swarm_stays_findable(ci_metrics: dict) -> None:
     assert ci_metrics["dht_lookups"]["block_success_rate"] >= 0.95, ci_metrics["dht_lookups"]
     assert ci_metrics["event_loop_errors"] == {}, ci_metrics["event_loop_errors"]
+
+
+# Too few servers for the model: blocks go uncovered for minutes at a time and servers move to fill them.
+SCARCE_SCENARIO = Scenario(
+    servers=6, clients=3, num_blocks=8, blocks_per_server=(2, 3), mean_lifetime_s=5 * 60, duration_s=600.0,
+    mean_think_s=20.0, seed=3,
+)
+
+
+def test_a_scarce_swarm_fails_clearly_and_in_bounded_time_never_wrongly() -> None:
+    metrics = run_scenario(SCARCE_SCENARIO)
+    gens = metrics["generations"]
+    assert metrics["coverage"]["fully_covered_share"] < 0.95, metrics["coverage"]  # gaps really happened
+    assert gens["hung"] == 0 and gens["crashed"] == 0 and gens["mismatched"] == 0, gens
+    assert set(gens["errors"]) <= {"NoRouteError"}, gens["errors"]  # missing blocks: a clear error, nothing else
+    assert gens["longest_s"] <= HANG_BOUND_S, gens
+    assert gens["while_fully_covered_share_ok"] == 1.0, metrics["bad_generations_while_covered"]
+    assert gens["completed"] >= 0.5 * gens["started"], gens
