@@ -9,7 +9,8 @@ the WAN like a home router. Addresses: 198.18.0.0/15 is the benchmarking range (
 real Internet; 10.x are private. Nothing touches the root namespace, so no traffic leaves the machine.
 
 Invariants:
-- Namespace names carry the creating process id, so parallel runs never collide.
+- Namespace names carry the creating process id, so parallel runs never collide; a bed whose creator died
+  without cleaning up (SIGKILL) is deleted by the next `NatBed.create()`.
 - `NatBed.close()` kills every process started in the bed and deletes every namespace, and it is idempotent;
   the bed is always used inside try/finally (or as a context manager).
 """
@@ -17,12 +18,14 @@ Invariants:
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 from dataclasses import dataclass, field
 
 PUBLIC_IP = "198.18.0.1"
+_NAME = re.compile(r"pnbed(\d+)(wan|ra|ha|rb|hb)$")
 _HOMES = {"a": ("10.1.0", "198.18.0.2"), "b": ("10.2.0", "198.18.0.3")}
 
 
@@ -75,6 +78,15 @@ table inet filter {{
 """
 
 
+def _delete_orphans() -> None:
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=20).stdout
+    for line in listing.splitlines():
+        name = line.split()[0] if line.split() else ""
+        match = _NAME.match(name)
+        if match and not os.path.exists(f"/proc/{match.group(1)}"):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20)
+
+
 @dataclass
 class NatBed:
     """The namespaces and processes of one bed; build with `NatBed.create()`."""
@@ -86,7 +98,8 @@ class NatBed:
 
     @classmethod
     def create(cls) -> NatBed:
-        bed = cls(prefix=f"pn{os.getpid() % 100000}")
+        _delete_orphans()
+        bed = cls(prefix=f"pnbed{os.getpid()}")
         try:
             bed._build()
         except BaseException:

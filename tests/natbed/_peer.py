@@ -1,13 +1,12 @@
-"""One petalnode process of the NAT bed: `python -m tests.natbed._peer ROLE '{json options}'`.
+"""The NAT bed's client: `python -m tests.natbed._peer client '{json options}'`.
 
-Roles: `public` (bootstrap with STUN and signaling; prints its address), `server` (serves blocks behind NAT;
-prints the address it announces), `client` (generates greedily through the swarm; prints tokens and the ICE
-path of each WebRTC connection). Long-lived roles run until their stdin closes. Output: one JSON line.
+Generates greedily through the swarm with a TCP + WebRTC transport and prints one JSON line: the tokens, the
+path of each WebRTC connection (ICE candidate pair, or "relayed via ...") and the time taken. (The bootstrap and
+the server are the real `petalnode bootstrap` / `petalnode join` commands.)
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -17,32 +16,6 @@ import time
 
 def _say(**fields: object) -> None:
     print(json.dumps(fields), flush=True)
-
-
-async def _public(options: dict) -> None:
-    from petalnode.node import NatOptions, Node
-
-    node = Node(listen_host=options["host"],
-                nat=NatOptions(mode="public", relay_bytes_per_s=options.get("relay_bytes_per_s", 4 << 20)))
-    await node.start()
-    _say(address=str(node.address))
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    await node.aclose()
-
-
-async def _server(options: dict) -> None:
-    from petalnode.node import NatOptions, Node, ServeOptions
-
-    node = Node(
-        listen_host="0.0.0.0", bootstrap=[options["bootstrap"]],
-        serve=ServeOptions(model=options["model"], blocks=tuple(options["blocks"]), join_jitter_s=0,
-                           rebalance_period_s=None),
-        nat=NatOptions(turn=tuple(options.get("turn", ()))),
-    )
-    await node.start()
-    _say(address=str(node.address))
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    await node.aclose()
 
 
 def _client(options: dict) -> None:
@@ -74,10 +47,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     role, options = sys.argv[1], json.loads(sys.argv[2])
-    if role == "client":
-        _client(options)
-    else:
-        asyncio.run({"public": _public, "server": _server}[role](options))
+    if role != "client":
+        raise SystemExit(f"unknown role {role!r}")
+    _client(options)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """NAT traversal on a real NAT bed (network namespaces, nftables masquerade, WAN input drop; see _bed.py).
 
-One bed per module: a public peer (bootstrap, STUN, signaling, relay with a bandwidth cap) on the fake Internet,
-a server behind NAT A, and a client run per case behind NAT B:
+One bed per module: a public peer (`petalnode bootstrap`: STUN, signaling, relay with a bandwidth cap) on the fake
+Internet, a server behind NAT A (`petalnode join` with no NAT flags), and a client run per case behind NAT B:
   (1) both NATs ordinary: a direct data channel via server-reflexive candidates;
   (2) NAT B symmetric (`masquerade fully-random`): direct fails, the public peer's relay carries the generation;
   (3) a lossy, rate-limited uplink at A (nftables random UDP drops + tc tbf): generation still completes.
@@ -50,6 +50,15 @@ def _read_json_line(process: subprocess.Popen, timeout_s: float, what: str) -> d
     raise AssertionError(f"{what} gave no result within {timeout_s} s (exit code {process.poll()})")
 
 
+def _wait_ready(path: Path, what: str) -> dict:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if path.exists():
+            return json.loads(path.read_text())
+        time.sleep(0.2)
+    raise AssertionError(f"{what} was not ready within {START_TIMEOUT_S} s (see {path.parent})")
+
+
 def _python(role: str, **options: object) -> list[str]:
     return [sys.executable, "-m", "tests.natbed._peer", role, json.dumps(options)]
 
@@ -65,13 +74,15 @@ def bed(tmp_path_factory: pytest.TempPathFactory):
     model = build_tiny_model(tmp_path_factory.mktemp("natbed-model"), num_layers=4)
     logs = tmp_path_factory.mktemp("natbed-logs")
     with NatBed.create() as bed:
-        env = {"cwd": REPO, "text": True, "stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
-        public = bed.spawn("wan", _python("public", host=PUBLIC_IP, relay_bytes_per_s=RELAY_BYTES_PER_S), **env,
-                           stderr=open(logs / "public.log", "w"))
-        bootstrap = _read_json_line(public, START_TIMEOUT_S, "the public peer")["address"]
-        server = bed.spawn("ha", _python("server", bootstrap=bootstrap, model=str(model), blocks=[0, 4]), **env,
-                           stderr=open(logs / "server.log", "w"))
-        server_address = _read_json_line(server, START_TIMEOUT_S, "the server behind NAT A")["address"]
+        cli = [sys.executable, "-m", "petalnode.cli"]
+        bed.spawn("wan", [*cli, "bootstrap", "--listen", f"{PUBLIC_IP}:0", "--relay-bandwidth",
+                          str(RELAY_BYTES_PER_S), "--ready-file", str(logs / "public.json")],
+                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(logs / "public.log", "w"))
+        bootstrap = _wait_ready(logs / "public.json", "petalnode bootstrap")["address"]
+        bed.spawn("ha", [*cli, "join", "--bootstrap", bootstrap, "--model", str(model), "--blocks", "0:4",
+                         "--threads", "1", "--rebalance-period", "0", "--ready-file", str(logs / "server.json")],
+                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(logs / "server.log", "w"))
+        server_address = _wait_ready(logs / "server.json", "petalnode join behind NAT A")["address"]
         yield {"bed": bed, "model": model, "bootstrap": bootstrap, "server": server_address, "logs": logs}
 
 
