@@ -27,12 +27,22 @@ $(TEST_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
+# The NAT test bed (tests/natbed) builds network namespaces with nftables NAT; it needs root and Debian's nftables.
+# Without root the bed's tests skip and say why.
+NATBED_STAMP := $(VENV)/.installed-natbed
+$(NATBED_STAMP):
+	@if [ "$$(id -u)" = 0 ] && ! command -v nft >/dev/null 2>&1; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2) \
+			|| echo "petalnode: could not install nftables; the NAT test bed will skip"; \
+	fi
+	touch $@
+
 install: $(STAMP) $(MODEL_STAMP)
 
 run: $(STAMP) $(MODEL_STAMP)
 	$(BIN)/petalnode generate "The capital of France is" --max-new-tokens 24
 
-test: $(TEST_STAMP) $(MODEL_STAMP)
+test: $(TEST_STAMP) $(MODEL_STAMP) $(NATBED_STAMP)
 	$(BIN)/ruff check petalnode tests benchmarks simulations
 	$(BIN)/python -m pytest -q
 
