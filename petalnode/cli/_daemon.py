@@ -42,6 +42,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--announce-host", default=None, help="host/IP others should dial (default: detected)")
     parser.add_argument("--identity", default=None, type=Path,
                         help="key file to keep the same peer id across restarts (created if missing)")
+    parser.add_argument("--turn", action="append", default=[], metavar="URL",
+                        help="a TURN server for peers behind symmetric NATs, turn:USER:PASS@HOST:PORT (repeatable)")
+    parser.add_argument("--relay-bandwidth", default="4M", metavar="BYTES_PER_S",
+                        help="cap on data this node relays for NATed peers, e.g. 4M (0: relay nothing)")
+    parser.add_argument("--no-nat-traversal", action="store_true",
+                        help="TCP only: no STUN, WebRTC signaling or relaying (the node must be reachable directly)")
     parser.add_argument("--record-ttl", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--ready-file", default=None, type=Path, help=argparse.SUPPRESS)
 
@@ -53,14 +59,20 @@ def _split_listen(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _node_kwargs(args: argparse.Namespace) -> dict:
+def _node_kwargs(args: argparse.Namespace, *, public: bool = False) -> dict:
+    from petalnode.compute import parse_size
     from petalnode.identity import Identity
-    from petalnode.node import DEFAULT_RECORD_TTL_S
+    from petalnode.node import DEFAULT_RECORD_TTL_S, NatOptions
 
     host, port = _split_listen(args.listen)
     identity = Identity.load_or_create(args.identity) if args.identity else Identity.generate()
+    # NAT traversal by default: a bootstrap is public (STUN, signaling, relay); a server finds out with a
+    # dial-back and, behind NAT, becomes reachable by WebRTC through its bootstrap (see node/_signaling.py).
+    nat = None if args.no_nat_traversal else NatOptions(
+        mode="public" if public else "auto", turn=tuple(args.turn),
+        relay_bytes_per_s=float(parse_size(args.relay_bandwidth)) if args.relay_bandwidth != "0" else 0.0)
     return dict(identity=identity, listen_host=host, listen_port=port, announce_host=args.announce_host,
-                record_ttl_s=args.record_ttl or DEFAULT_RECORD_TTL_S)
+                record_ttl_s=args.record_ttl or DEFAULT_RECORD_TTL_S, nat=nat)
 
 
 async def _serve_until_stopped(node, on_ready) -> None:
@@ -88,7 +100,7 @@ def _write_ready(path: Path | None, payload: dict) -> None:
 def run_bootstrap(args: argparse.Namespace) -> int:
     from petalnode.node import Node
 
-    node = Node(**_node_kwargs(args))
+    node = Node(**_node_kwargs(args, public=True))
 
     def ready(node: Node) -> None:
         print(str(node.address), flush=True)
