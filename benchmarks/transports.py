@@ -6,6 +6,8 @@ Micro (one process, real nodes): a public relay node, a target node announcing t
   the relay over TCP, ICE, DTLS, SCTP, channel open; relayed: relay stream + end-to-end handshake);
 - RPC round trip: median of unary calls with a 64-byte payload on the pooled connection;
 - bulk MB/s: 240 KiB messages on one RPC stream, until the receiver acknowledges all of them.
+NAT bed (--natbed, root): the same swarm behind NAT A and a client behind NAT B (tests/natbed), decoding over the
+direct server-reflexive path and, with NAT B symmetric, over the public peer's relay.
 Swarm (--swarm): the default model through 3 server processes (10 blocks each) over TCP and over WebRTC, both
 swarms up at once and runs interleaved: decode tokens/s and time to first token (greedy, 16-token prompt), median
 of --runs. --switch-interval sets Python's GIL switch interval in every process: aiortc does much more Python
@@ -24,7 +26,9 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import ClassVar
 
 from petalnode.codecs import Message, register_message, wire_field
@@ -33,6 +37,7 @@ from petalnode.node import NatOptions, Node, Signaling
 from petalnode.transport import RPC, CallContext, RelayData, RPCStream
 
 CHUNK = 240 * 1024
+REPO = Path(__file__).resolve().parents[1]
 
 
 @register_message
@@ -241,6 +246,52 @@ def swarm(runs: int, new_tokens: int, threads: int, switch_interval_s: float | N
     return results
 
 
+def natbed(runs: int, new_tokens: int) -> dict:
+    """The default model on 3 servers behind NAT A (`petalnode join`), a client behind NAT B: decode over the direct
+    (server-reflexive) path, then with NAT B symmetric over the relay. Needs root (see tests/natbed/_bed.py)."""
+    sys.path.insert(0, str(REPO))
+    from tests.natbed._bed import PUBLIC_IP, NatBed, check_available
+
+    check_available()
+    cli = [sys.executable, "-m", "petalnode.cli"]
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp, NatBed.create() as bed:
+        ready = Path(tmp)
+        bed.spawn("wan", [*cli, "bootstrap", "--listen", f"{PUBLIC_IP}:0", "--ready-file", str(ready / "b.json")],
+                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        bootstrap = json.loads(_wait_file(ready / "b.json").read_text())["address"]
+        for start in (0, 10, 20):
+            bed.spawn("ha", [*cli, "join", "--bootstrap", bootstrap, "--blocks", f"{start}:{start + 10}", "--threads",
+                             "1", "--rebalance-period", "0", "--ready-file", str(ready / f"s{start}.json")],
+                      cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for start in (0, 10, 20):
+            _wait_file(ready / f"s{start}.json")
+        for case, symmetric in (("direct", False), ("symmetric_nat_relayed", True)):
+            bed.set_nat("b", symmetric=symmetric)
+            options = {"bootstrap": bootstrap, "model": None, "prompt": list(range(100, 116)),
+                       "new_tokens": new_tokens, "timed_runs": runs}
+            client = bed.spawn("hb", [sys.executable, "-m", "tests.natbed._peer", "client", json.dumps(options)],
+                               cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            out, _ = client.communicate(timeout=600)
+            line = json.loads(next(x for x in out.splitlines() if x.startswith("{")))
+            timings = line["timings"]
+            results[case] = {
+                "decode_tokens_per_s_median": round(statistics.median(t["decode_tokens_per_s"] for t in timings), 2),
+                "ttft_16_s_median": round(statistics.median(t["ttft_s"] for t in timings), 3),
+                "paths": sorted(line["paths"].values()),
+            }
+    return results
+
+
+def _wait_file(path: Path, timeout_s: float = 300.0) -> Path:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path.name} did not appear within {timeout_s} s")
+        time.sleep(0.2)
+    return path
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--role":
         _serve(sys.argv[2], json.loads(sys.argv[3]))
@@ -253,6 +304,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--natbed", action="store_true", help="also decode through the NAT test bed (root)")
     parser.add_argument("--switch-interval", type=float, default=None, metavar="SECONDS",
                         help="sys.setswitchinterval for every process (default: Python's 0.005)")
     args = parser.parse_args()
@@ -264,6 +316,8 @@ def main() -> None:
                     "loopback": asyncio.run(micro(args.bulk_mib, args.setups, args.calls))}
     if args.swarm:
         report["swarm_3_servers"] = swarm(args.runs, args.new_tokens, args.threads, args.switch_interval)
+    if args.natbed:
+        report["natbed_3_servers_behind_nat"] = natbed(args.runs, args.new_tokens)
     report["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=2))
 

@@ -36,10 +36,29 @@ def _client(options: dict) -> None:
         prompt = torch.tensor([options["prompt"]])
         tokens = model.generate(prompt, max_new_tokens=options["new_tokens"], do_sample=False)
         elapsed = time.perf_counter() - started
+        timings = [_timed(model, prompt, options["new_tokens"]) for _ in range(options.get("timed_runs", 0))]
         paths = {str(k): v for k, v in signaling.webrtc.connection_paths().items()}
     finally:
         model.close()
-    _say(tokens=tokens[0].tolist(), paths=paths, seconds=round(elapsed, 3))
+    _say(tokens=tokens[0].tolist(), paths=paths, seconds=round(elapsed, 3), timings=timings)
+
+
+def _timed(model, prompt, new_tokens: int) -> dict:
+    """Time to first token and decode tokens/s of one greedy generation (a streamer stamps each token)."""
+    stamps: list[float] = []
+
+    class Clock:
+        def put(self, value: object) -> None:
+            stamps.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    started = time.perf_counter()
+    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=Clock(),
+                   pad_token_id=0)
+    tokens = stamps[1:]
+    return {"ttft_s": tokens[0] - started, "decode_tokens_per_s": (len(tokens) - 1) / (tokens[-1] - tokens[0])}
 
 
 def main() -> None:
