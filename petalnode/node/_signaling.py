@@ -66,6 +66,10 @@ RECONNECT_MIN_S = 1.0
 RECONNECT_MAX_S = 30.0
 MAX_ADDRESS_CHARS = 300
 MAX_RELAYED = 64
+# Dial-backs go to an address the registering peer names, so a relay could be used to probe other hosts; a low
+# global rate keeps it useless for that (honest nodes register once per relay connection).
+DIAL_BACKS_PER_S = 2.0
+DIAL_BACK_BURST = 10.0
 
 
 @register_message
@@ -186,6 +190,7 @@ class Signaling:
         self._stun_ports: dict[str, int] = {}
         self._relay_task: asyncio.Task[None] | None = None
         self._bucket = TokenBucket(self.options.relay_bytes_per_s, self.options.relay_bytes_per_s)
+        self._dial_backs = TokenBucket(DIAL_BACKS_PER_S, DIAL_BACK_BURST)
         self._relayed = 0
         self.relayed_bytes = 0
         self.relay: PeerAddress | None = None
@@ -331,6 +336,7 @@ class Signaling:
             raise BadRequestError(f"bad tcp_address: {e}") from None
         if address.scheme != "tcp":
             raise BadRequestError(f"tcp_address must be tcp://, got {address.scheme}://")
+        await self._dial_backs.take(1)
         # A fresh TCP transport: the pooled connection to this peer is the one it dialled us on, which proves
         # nothing about whether we can reach it.
         async with TcpTransport(self.identity) as probe:

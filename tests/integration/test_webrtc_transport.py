@@ -260,3 +260,29 @@ async def test_relay_bandwidth_cap() -> None:
     assert loop.time() - started < 0.05
     await bucket.take(100_000)  # then 0.5 s per 100 kB
     assert 0.4 < loop.time() - started < 1.0
+
+
+async def test_node_behind_nat_registers_again_when_its_relay_connection_drops() -> None:
+    relay = Node(nat=NatOptions(mode="public"))
+    await relay.start()
+    behind = Node(bootstrap=[relay.address], nat=NatOptions(mode="nat"))
+    client = Signaling(Identity.generate())
+    transport = client.transport()
+    rpc = RPC(transport)
+    try:
+        await behind.start()
+        registered = relay._signaling._registered
+        old = registered[behind.identity.peer_id]
+        await old.aclose()  # the relay restarts its side, say
+        for _ in range(100):  # at most 5 s
+            if registered.get(behind.identity.peer_id) not in (None, old):
+                break
+            await asyncio.sleep(0.05)
+        assert registered.get(behind.identity.peer_id) not in (None, old)
+        reply = await rpc.call(behind.address, "webrtc_info", WebRTCInfoRequest(), expected=WebRTCInfo)
+        assert isinstance(reply, WebRTCInfo)
+    finally:
+        await rpc.aclose()
+        await transport.aclose()
+        await behind.aclose()
+        await relay.aclose()
