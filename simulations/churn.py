@@ -97,6 +97,7 @@ class Scenario:
     generation_bound_s: float = 900.0
     dht_probe_period_s: float = 60.0
     dht_rpc_timeout_s: float | None = None  # None: the DHT's default
+    progress_every_s: float = 0.0  # > 0: print a progress line to stderr this often (virtual seconds)
     dht_ksize: int | None = None  # Kademlia k (replication and bucket size); None: the DHT's default (20)
     rebalance_period_s: float | None = 120.0  # None: servers never move
     seed: int = 0
@@ -177,6 +178,8 @@ class ChurnSimulation:
         try:
             with kademlia_on_loop_clock(loop):
                 await self._start_bootstrap()
+                if s.progress_every_s > 0:
+                    self._spawn(self._progress(real_start))
                 for i in range(s.servers):
                     self._spawn_server(delay_s=self.rng.uniform(0, s.warmup_s / 2), stable=i < s.stable_servers)
                 await asyncio.sleep(s.warmup_s)
@@ -320,6 +323,15 @@ class ChurnSimulation:
         if server.backend.loads:
             self.server_stats.servers_that_loaded += 1
             self.server_stats.block_loads += len(server.backend.loads)
+
+    async def _progress(self, real_start: float) -> None:
+        while True:
+            await asyncio.sleep(self.scenario.progress_every_s)
+            online = sum(1 for srv in self.servers.values() if srv.covering)
+            done = sum(1 for g in self.generations if g.outcome != "running")
+            print(f"[churn] virtual {self.loop.time():.0f} s, real {time.perf_counter() - real_start:.0f} s: "
+                  f"{online} servers online, {done} generations done, {len(self.loop_errors)} loop errors",
+                  file=sys.stderr, flush=True)
 
     async def _partitions(self) -> None:
         s = self.scenario
@@ -557,6 +569,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, argparse.Namesp
     p.add_argument("--dht-ksize", type=int, default=None, help="Kademlia k (default: the DHT's, 20)")
     p.add_argument("--rebalance-period-s", type=float, default=d.rebalance_period_s, help="0 = servers never move")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--progress-every-s", type=float, default=0.0, help="virtual seconds between progress lines")
     p.add_argument("--log-level", default="error", help="log level of the node code (warnings are counted anyway)")
     a = p.parse_args(argv)
     scenario = Scenario(
@@ -568,7 +581,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, argparse.Namesp
         new_tokens=a.new_tokens, mean_think_s=a.think_s, record_ttl_s=a.record_ttl_s,
         step_timeout_s=a.step_timeout_s, wait_for_blocks_s=a.wait_for_blocks_s,
         load_s_per_block=a.load_s_per_block, dht_probe_period_s=a.dht_probe_period_s, dht_ksize=a.dht_ksize,
-        rebalance_period_s=a.rebalance_period_s or None, seed=a.seed,
+        rebalance_period_s=a.rebalance_period_s or None, progress_every_s=a.progress_every_s, seed=a.seed,
     )
     return scenario, a
 
