@@ -43,7 +43,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--identity", default=None, type=Path,
                         help="key file to keep the same peer id across restarts (created if missing)")
     parser.add_argument("--turn", action="append", default=[], metavar="URL",
-                        help="a TURN server for peers behind symmetric NATs, turn:USER:PASS@HOST:PORT (repeatable)")
+                        help="also offer ICE this TURN server, turn:USER:PASS@HOST:PORT (repeatable; experimental: "
+                             "symmetric NATs are handled by the built-in relay without it)")
     parser.add_argument("--relay-bandwidth", default="4M", metavar="BYTES_PER_S",
                         help="cap on data this node relays for NATed peers, e.g. 4M (0: relay nothing)")
     parser.add_argument("--no-nat-traversal", action="store_true",
