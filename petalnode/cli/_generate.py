@@ -37,8 +37,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from petalnode.client import AutoDistributedModelForCausalLM, even_spans
     from petalnode.codecs import TensorCodec
     from petalnode.compute import configure_threads, load_model_info
-    from petalnode.identity import Identity
-    from petalnode.node import NatOptions, RemoteBlockChain, Signaling
+    from petalnode.node import RemoteBlockChain
 
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be at least 1")
@@ -56,11 +55,9 @@ def run_generate(args: argparse.Namespace) -> int:
             bootstrap = args.bootstrap
             if not bootstrap:
                 bootstrap = [_start_local_swarm(stack, args, info)]
-            # TCP and WebRTC: servers behind NAT announce webrtc:// addresses reached through their relay.
-            signaling = Signaling(Identity.generate(), NatOptions(stun=False))
+            # The swarm client dials tcp:// and webrtc:// (servers behind NAT, through their relay).
             chain = RemoteBlockChain.connect(info, bootstrap=bootstrap, codec=TensorCodec(args.codec),
-                                             wait_for_blocks_s=args.wait_for_blocks, identity=signaling.identity,
-                                             transport=signaling.transport())
+                                             wait_for_blocks_s=args.wait_for_blocks)
             stack.callback(chain.close)
             model = AutoDistributedModelForCausalLM.from_pretrained(info.source, chain=chain)
         return _generate(model, tokenizer, input_ids, args)

@@ -96,6 +96,13 @@ class RemoteBlockChain:
         **options: Any,
     ) -> RemoteBlockChain:
         """Join the swarm of `info`'s model as a client (options go to `SwarmClient`)."""
+        if "transport" not in options:
+            # TCP and WebRTC: servers behind NAT announce webrtc:// addresses reached through their relay.
+            from petalnode.identity import Identity
+            from petalnode.node._signaling import NatOptions, Signaling
+
+            signaling = Signaling(options.get("identity") or Identity.generate(), NatOptions(stun=False))
+            options = {**options, "identity": signaling.identity, "transport": signaling.transport()}
         loop = _LoopThread()
         client = SwarmClient(info.source.name, info.num_blocks, bootstrap, dtype=dtype, codec=TensorCodec(codec),
                              **options)
