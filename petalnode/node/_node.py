@@ -478,8 +478,11 @@ def _announce_host_for(listen_host: str, bootstrap: Sequence[PeerAddress]) -> st
     """The address others should dial: the listen host, or for a wildcard the source IP towards a bootstrap."""
     if listen_host not in ("0.0.0.0", "::", ""):
         return listen_host
-    for peer in bootstrap:
+    # Towards a bootstrap if we have one; otherwise towards a benchmarking-range address (RFC 2544), which only
+    # asks the routing table for the default interface. A UDP connect sends nothing; it only picks a route.
+    targets = [(peer.host, peer.port) for peer in bootstrap] or [("198.18.0.1", 9)]
+    for target in targets:
         with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.connect((peer.host, peer.port))  # UDP connect sends nothing; it only picks a route
+            probe.connect(target)
             return probe.getsockname()[0]
     return "127.0.0.1"
