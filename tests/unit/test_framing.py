@@ -72,9 +72,9 @@ def test_fuzz_parse_never_raises_anything_else(data: bytes) -> None:
     elif frame.kind in (FrameKind.OPEN, FrameKind.CLOSE):
         again = f.encode_control(frame.kind, frame.stream_id)
     elif frame.kind is FrameKind.RESET:
-        again = f.encode_reset(frame.stream_id, frame.payload.decode("utf-8", "surrogateescape"))
+        again = f.encode_reset(frame.stream_id, frame.payload.decode("utf-8", "replace"))
     elif frame.kind is FrameKind.GOAWAY:
-        again = f.encode_goaway(frame.payload.decode("utf-8", "surrogateescape"))
+        again = f.encode_goaway(frame.payload.decode("utf-8", "replace"))
     elif frame.kind is FrameKind.WINDOW:
         again = f.encode_window(frame.stream_id, frame.window_increment)
     else:
