@@ -69,8 +69,12 @@ class _CodecHops:
 
         return Session()
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # pragma: no cover - generate uses sessions
-        raise NotImplementedError
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A stateless pass with the same lossy hops (generate uses sessions; this keeps the contract whole)."""
+        positions = torch.arange(hidden.shape[1])[None]
+        for span in self.chain.spans:
+            hidden = span.forward_span(self._hop(hidden), None, positions)
+        return self._hop(hidden)
 
     def close(self) -> None:
         self.chain.close()

@@ -73,8 +73,9 @@ class _AsyncAlphaMixin:
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
 
-    def _on_answer(self, body: Any) -> None:
-        raise NotImplementedError
+    # Each concrete crawler (below) says what an answer adds: closer contacts, or records. Declared here, without a
+    # body, so the mixin's loop type-checks; there is no default behaviour to fall back on.
+    _on_answer: Callable[[Any], None]
 
 
 class FastNodeSpiderCrawl(_AsyncAlphaMixin, NodeSpiderCrawl):
