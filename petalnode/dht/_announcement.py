@@ -23,6 +23,8 @@ MAX_VERSION_CHARS = 32
 MAX_PUBLIC_NAME_CHARS = 64
 MAX_MODEL_CHARS = 128
 MAX_BLOCKS = 100_000
+MAX_ADAPTERS = 8
+MAX_ADAPTER_CHARS = 64
 
 
 class ServerState(enum.IntEnum):
@@ -51,6 +53,8 @@ class Announcement:
     addresses: tuple[str, ...]
     version: str
     public_name: str | None = None
+    # Names of the LoRA adapters this server can apply (clients asking for one route only through such servers).
+    adapters: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.state, ServerState):
@@ -71,6 +75,10 @@ class Announcement:
         _check_text("version", self.version, MAX_VERSION_CHARS, allow_empty=True)
         if self.public_name is not None:
             _check_text("public_name", self.public_name, MAX_PUBLIC_NAME_CHARS, allow_empty=False)
+        if not isinstance(self.adapters, tuple) or len(self.adapters) > MAX_ADAPTERS:
+            raise CodecError(f"announcement adapters must be a tuple of at most {MAX_ADAPTERS}")
+        for adapter in self.adapters:
+            _check_text("adapter", adapter, MAX_ADAPTER_CHARS, allow_empty=False)
 
     def block_keys(self) -> list[str]:
         return [block_key(self.model, b) for b in range(self.start_block, self.end_block)]
@@ -82,6 +90,8 @@ class Announcement:
         }
         if self.public_name is not None:
             wire["n"] = self.public_name
+        if self.adapters:
+            wire["l"] = list(self.adapters)
         data = msgpack.packb(wire, use_bin_type=True)
         if len(data) > MAX_VALUE_BYTES:
             raise CodecError(f"announcement of {len(data)} bytes exceeds {MAX_VALUE_BYTES}")
@@ -108,10 +118,13 @@ class Announcement:
         throughput = _get(wire, "t", (int, float))
         addresses = _get(wire, "x", list)
         name = wire.get("n")
+        adapters = wire.get("l", [])
+        if not isinstance(adapters, list):
+            raise CodecError("announcement field 'l' has the wrong type")
         return cls(
             state=state, model=_get(wire, "m", str), start_block=_get(wire, "a", int), end_block=_get(wire, "b", int),
             throughput=float(throughput), cache_tokens_left=_get(wire, "c", int), addresses=tuple(addresses),
-            version=_get(wire, "v", str), public_name=name,
+            version=_get(wire, "v", str), public_name=name, adapters=tuple(adapters),
         )
 
 

@@ -51,6 +51,8 @@ class HostedSpan:
     hidden_size: int
     dtype: torch.dtype
     throughput: float
+    # Names of the LoRA adapters attached to `span` (a request may select one of them).
+    adapters: frozenset[str] = frozenset()
 
 
 class BlockServer:

@@ -54,6 +54,7 @@ def choose_route(
     default_rtt_s: float = DEFAULT_RTT_S,
     rng: random.Random | None = None,
     model: str | None = None,
+    adapter: str | None = None,
 ) -> list[RouteHop]:
     """The chain of servers through blocks [start, end) with the lowest expected decode-step latency.
 
@@ -71,6 +72,7 @@ def choose_route(
         hop_penalty_s: added per hop, so fewer hops win near-ties.
         rng: if given, costs get a small random jitter (see ROUTE_JITTER) to spread clients.
         model: only for the error message.
+        adapter: only servers announcing this LoRA adapter are eligible.
 
     Raises:
         NoRouteError: some blocks in [start, end) have no eligible server (none online, or all banned, joining
@@ -84,7 +86,7 @@ def choose_route(
     eligible = [
         s for s in (view.servers[p] for p in sorted(view.servers))
         if s.state == ServerState.ONLINE and s.peer_id not in banned and s.cache_tokens_left >= min_cache_tokens
-        and s.start < end and s.end > start
+        and s.start < end and s.end > start and (adapter is None or adapter in s.adapters)
     ]
     covered = [False] * (end - start)
     for s in eligible:
@@ -92,7 +94,7 @@ def choose_route(
             covered[block - start] = True
     if not all(covered):
         missing = [(a + start, b + start) for a, b in runs_where([not c for c in covered])]
-        raise _no_route(missing, model or view.model, _why(view, missing, banned, min_cache_tokens))
+        raise _no_route(missing, model or view.model, _why(view, missing, banned, min_cache_tokens, adapter))
 
     # Per server: fixed cost per hop and seconds per block, both scaled by the jitter factor.
     fixed: list[float] = []
@@ -163,7 +165,10 @@ def _no_route(missing: list[tuple[int, int]], model: str | None, detail: str) ->
     return NoRouteError(f"{what}{of_model} {verb} no server{detail}", missing=missing)
 
 
-def _why(view: SwarmView, missing: list[tuple[int, int]], banned: set[PeerId], min_cache_tokens: int) -> str:
+def _why(
+    view: SwarmView, missing: list[tuple[int, int]], banned: set[PeerId], min_cache_tokens: int,
+    adapter: str | None = None,
+) -> str:
     # Say why servers that do host a missing block were not used, so "no server" is never a riddle.
     reasons: dict[str, int] = {}
     for s in view.servers.values():
@@ -173,6 +178,8 @@ def _why(view: SwarmView, missing: list[tuple[int, int]], banned: set[PeerId], m
             reason = s.state.name.lower()
         elif s.peer_id in banned:
             reason = "banned after failures"
+        elif adapter is not None and adapter not in s.adapters:
+            reason = f"without adapter {adapter!r}"
         else:
             reason = f"without cache for {min_cache_tokens} tokens" if s.cache_tokens_left < min_cache_tokens else ""
         if reason:

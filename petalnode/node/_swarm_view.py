@@ -32,6 +32,7 @@ class ServerView:
     addresses: tuple[str, ...]
     public_name: str | None
     version: str
+    adapters: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.start < self.end:
@@ -44,6 +45,7 @@ class ServerView:
             throughput=announcement.throughput, state=announcement.state,
             cache_tokens_left=announcement.cache_tokens_left, addresses=announcement.addresses,
             public_name=announcement.public_name, version=announcement.version,
+            adapters=announcement.adapters,
         )
 
     @property

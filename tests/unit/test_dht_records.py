@@ -181,6 +181,12 @@ def test_announcement_golden_bytes_and_round_trip() -> None:
     assert Announcement.from_bytes(announcement(public_name=None).to_bytes()).public_name is None
 
 
+def test_announcement_adapters_round_trip_and_are_omitted_when_empty() -> None:
+    ann = announcement(adapters=("sql-lora", "chat"))
+    assert Announcement.from_bytes(ann.to_bytes()) == ann
+    assert "l" not in msgpack.unpackb(announcement().to_bytes())
+
+
 def test_announcement_ignores_unknown_fields_from_newer_versions() -> None:
     wire = msgpack.unpackb(GOLDEN)
     wire["zz"] = {"future": [1, 2, 3]}
@@ -190,7 +196,9 @@ def test_announcement_ignores_unknown_fields_from_newer_versions() -> None:
 @pytest.mark.parametrize(
     "mutate",
     [lambda w: w.pop("m"), lambda w: w.update(s=9), lambda w: w.update(a=20), lambda w: w.update(t="fast"),
-     lambda w: w.update(x=["a" * 500]), lambda w: w.update(c=True), lambda w: w.update(t=float("inf"))],
+     lambda w: w.update(x=["a" * 500]), lambda w: w.update(c=True), lambda w: w.update(t=float("inf")),
+     lambda w: w.update(l="lora"), lambda w: w.update(l=[""]), lambda w: w.update(l=["x" * 65]),
+     lambda w: w.update(l=[f"a{i}" for i in range(9)]), lambda w: w.update(l=[3])],
 )
 def test_announcement_rejects_bad_fields(mutate) -> None:
     wire = msgpack.unpackb(GOLDEN)

@@ -26,10 +26,10 @@ def pid(i: int) -> PeerId:
 
 
 def server(i: int, start: int, end: int, throughput: float = 100.0, *, state: ServerState = ONLINE,
-           cache: int = 1000) -> ServerView:
+           cache: int = 1000, adapters: tuple[str, ...] = ()) -> ServerView:
     return ServerView(
         peer_id=pid(i), start=start, end=end, throughput=throughput, state=state, cache_tokens_left=cache,
-        addresses=(), public_name=None, version="0.1.0",
+        addresses=(), public_name=None, version="0.1.0", adapters=adapters,
     )
 
 
@@ -117,6 +117,15 @@ def test_cache_token_filter() -> None:
     assert spans(choose_route(view, rtt_s={}, min_cache_tokens=101)) == [(pid(2), 0, 10)]
     with pytest.raises(NoRouteError, match="without cache for 6000 tokens"):
         choose_route(view, rtt_s={}, min_cache_tokens=6000)
+
+
+def test_an_adapter_routes_only_through_servers_that_have_it() -> None:
+    view = swarm(8, server(1, 0, 8, 1000.0), server(2, 0, 4, adapters=("a",)), server(3, 4, 8, adapters=("a", "b")))
+    assert spans(choose_route(view, rtt_s={})) == [(pid(1), 0, 8)]
+    assert spans(choose_route(view, rtt_s={}, adapter="a")) == [(pid(2), 0, 4), (pid(3), 4, 8)]
+    with pytest.raises(NoRouteError, match="without adapter 'b'") as info:
+        choose_route(view, rtt_s={}, adapter="b")
+    assert info.value.missing == [(0, 4)]
 
 
 def test_sub_range_for_failover() -> None:
