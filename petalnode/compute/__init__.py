@@ -18,6 +18,7 @@ from petalnode.compute._model_source import (
     resolve_model,
 )
 from petalnode.compute._session import DEFAULT_IDLE_TIMEOUT_S, InferenceSession, SessionManager
+from petalnode.compute._training import span_backward, span_forward
 from petalnode.compute._weights import CheckpointReader
 
 __all__ = [
@@ -45,4 +46,6 @@ __all__ = [
     "parse_size",
     "plan_blocks",
     "resolve_model",
+    "span_backward",
+    "span_forward",
 ]

@@ -22,9 +22,14 @@ class BlockSpanModule(Protocol):
     """Blocks [start, end) of a model, with local layer indices 0..end-start-1."""
 
     def forward_span(
-        self, hidden_states: torch.Tensor, cache: Cache | None, position_ids: torch.Tensor
+        self, hidden_states: torch.Tensor, cache: Cache | None, position_ids: torch.Tensor,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """hidden_states: [batch, seq, hidden]; position_ids: [1 or batch, seq]; returns [batch, seq, hidden]."""
+        """hidden_states: [batch, seq, hidden]; position_ids: [1 or batch, seq]; returns [batch, seq, hidden].
+
+        prompts: optional deep prompts [num_blocks, batch or 1, prefix, hidden], added to each block's input at
+        absolute positions [0, prefix).
+        """
         ...
 
     def new_cache(self) -> Cache: ...

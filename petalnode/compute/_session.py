@@ -46,6 +46,8 @@ class InferenceSession:
     position: int = 0
     closed: bool = False
     cache: object = field(default=None, repr=False)
+    # Deep prompt tuning: [num_blocks, batch or 1, prefix, hidden], added to each block's input at positions < prefix.
+    prompts: torch.Tensor | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -73,7 +75,7 @@ class InferenceSession:
                 )
             position_ids = torch.arange(self.position, self.position + length, device=hidden_states.device)[None]
             with torch.inference_mode():
-                out = self.span.forward_span(hidden_states.to(self.dtype), self.cache, position_ids)
+                out = self.span.forward_span(hidden_states.to(self.dtype), self.cache, position_ids, self.prompts)
             self.position += length
             return out
 
@@ -158,7 +160,7 @@ class SessionManager:
 
     def open(
         self, max_length: int, *, batch_size: int = 1, session_id: str | None = None,
-        span: torch.nn.Module | None = None,
+        span: torch.nn.Module | None = None, prompts: torch.Tensor | None = None,
     ) -> InferenceSession:
         """Reserve cache for `batch_size` x `max_length` tokens over `span` (default: the whole hosted span).
 
@@ -183,6 +185,7 @@ class SessionManager:
             session = InferenceSession(
                 session_id=session_id, span=span, max_length=max_length, batch_size=batch_size,
                 reserved_bytes=need, hidden_size=self.hidden_size, dtype=self.dtype, last_used=self._clock(),
+                prompts=None if prompts is None else prompts.to(self.dtype),
             )
             self._sessions[session_id] = session
             return session

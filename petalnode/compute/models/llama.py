@@ -88,9 +88,15 @@ class LlamaBlockSpan(nn.Module):
         return DynamicCache(config=self.config)
 
     def forward_span(
-        self, hidden_states: torch.Tensor, cache: DynamicCache | None, position_ids: torch.Tensor
+        self, hidden_states: torch.Tensor, cache: DynamicCache | None, position_ids: torch.Tensor,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # hidden_states: [batch, seq, hidden]; position_ids: [1, seq] absolute positions of this chunk.
+        """Run the span's layers over one chunk.
+
+        hidden_states: [batch, seq, hidden]; position_ids: [1, seq] absolute positions of this chunk.
+        prompts: deep prompt tuning, [num_blocks, batch or 1, prefix, hidden]: prompts[i] is added to the input
+            of the span's i-th block at absolute positions [0, prefix) (as Petals does), whichever chunk holds them.
+        """
         mask_args: dict[str, Any] = {
             "config": self.config,
             "inputs_embeds": hidden_states,
@@ -103,7 +109,10 @@ class LlamaBlockSpan(nn.Module):
             builder = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
             masks[kind] = builder(**mask_args)
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        for layer, kind in zip(self.layers, self.mask_kinds, strict=True):
+        prompt_slice = _prompt_positions(prompts, position_ids) if prompts is not None else None
+        for index, (layer, kind) in enumerate(zip(self.layers, self.mask_kinds, strict=True)):
+            if prompt_slice is not None:
+                hidden_states = _add_prompt(hidden_states, prompts[index], prompt_slice)  # type: ignore[index]
             hidden_states = layer(
                 hidden_states,
                 attention_mask=masks[kind],
@@ -115,9 +124,26 @@ class LlamaBlockSpan(nn.Module):
         return hidden_states
 
     def forward(
-        self, hidden_states: torch.Tensor, cache: DynamicCache | None, position_ids: torch.Tensor
+        self, hidden_states: torch.Tensor, cache: DynamicCache | None, position_ids: torch.Tensor,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.forward_span(hidden_states, cache, position_ids)
+        return self.forward_span(hidden_states, cache, position_ids, prompts)
+
+
+def _prompt_positions(prompts: torch.Tensor, position_ids: torch.Tensor) -> tuple[slice, slice] | None:
+    """(chunk slice, prompt slice) where a chunk at `position_ids` overlaps prompt positions [0, prefix)."""
+    first = int(position_ids[0, 0])
+    overlap = min(prompts.shape[2], first + position_ids.shape[1]) - first
+    if overlap <= 0:
+        return None
+    return slice(0, overlap), slice(first, first + overlap)
+
+
+def _add_prompt(hidden: torch.Tensor, prompt: torch.Tensor, where: tuple[slice, slice]) -> torch.Tensor:
+    # Out of place, so autograd sees the addition and the caller's tensor is never modified.
+    chunk, positions = where
+    added = hidden[:, chunk] + prompt[:, positions].to(hidden.dtype)
+    return torch.cat([added, hidden[:, chunk.stop :]], dim=1)
 
 
 class LlamaClientHead(nn.Module):
@@ -182,6 +208,7 @@ class LlamaFamily:
         rotary = rotary_cls(config=config).to(device)
         span = LlamaBlockSpan(config, start, end, layers, rotary)
         span.requires_grad_(False)
+        span.eval()  # never dropout on a server, whatever the client is doing
         return span.to(dtype=dtype) if dtype.is_floating_point else span
 
     def build_client_head(self, config: PretrainedConfig, weights: dict[str, torch.Tensor]) -> LlamaClientHead:
