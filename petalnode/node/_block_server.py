@@ -1,4 +1,4 @@
-"""Serving a loaded span of blocks over RPC: inference streams, stateless forward passes, and info.
+"""Serving a loaded span of blocks over RPC: inference streams, stateless forward/backward passes, and info.
 
 Invariants:
 - Every request is checked before any compute: model name, block range inside the hosted span, tensor shape
@@ -6,24 +6,31 @@ Invariants:
   queue gets `BusyError`. None of them costs the server anything but the reply.
 - A session lives exactly as long as its stream: when the client closes it, vanishes, or the stream fails,
   the session's cache is freed. Sessions idle past the idle timeout are closed by the owner's upkeep task.
-- Compute runs on the `ComputeExecutor` thread; this module only awaits it.
+- Compute runs on the `ComputeExecutor` thread; this module only awaits it. Inference steps run at a higher
+  priority than forward/backward passes, so bulk training traffic never stalls interactive users.
+- Training keeps no per-client state: backward recomputes the span from the inputs sent again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from petalnode import __version__
 from petalnode.codecs import TensorCodec
-from petalnode.compute import SessionManager
+from petalnode.compute import SessionManager, span_backward, span_forward
 from petalnode.errors import BadRequestError, BusyError, ComputeError, InvalidStateError
 from petalnode.node._executor import PRIORITY_BULK, PRIORITY_INFERENCE, ComputeExecutor
 from petalnode.node._protocol import (
+    BackwardRequest,
+    BackwardResult,
     ForwardRequest,
     ForwardResult,
     InferenceOpened,
@@ -36,6 +43,7 @@ from petalnode.node._protocol import (
 from petalnode.transport import RPC, CallContext, RPCStream
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Largest number of positions one forward pass may carry (batch x sequence), to bound a request's memory.
 MAX_FORWARD_TOKENS = 8192
@@ -71,6 +79,7 @@ class BlockServer:
     def register(self, rpc: RPC) -> None:
         rpc.add_stream_handler("inference", self.rpc_inference, request_type=(OpenInference, InferenceStep))
         rpc.add_unary_handler("forward", self.rpc_forward, request_type=ForwardRequest)
+        rpc.add_unary_handler("backward", self.rpc_backward, request_type=BackwardRequest)
         rpc.add_unary_handler("info", self.rpc_info, request_type=InfoRequest)
 
     def _check_range(self, model: str, start: int, end: int) -> torch.nn.Module:
@@ -92,6 +101,36 @@ class BlockServer:
         if batch_size is not None and hidden.shape[0] > batch_size:
             raise BadRequestError(f"batch {hidden.shape[0]} exceeds the session's batch size {batch_size}")
 
+    def _check_prompts(
+        self, prompts: torch.Tensor | None, start: int, end: int, batch: int, max_prefix: int
+    ) -> torch.Tensor | None:
+        """Deep prompts must be float [end - start, 1 or batch, prefix <= max_prefix, hidden]."""
+        if prompts is None:
+            return None
+        blocks, prompt_batch, prefix, hidden = prompts.shape
+        if (
+            not prompts.is_floating_point() or blocks != end - start or prompt_batch not in (1, batch)
+            or not 1 <= prefix <= max_prefix or hidden != self.hosted.hidden_size
+        ):
+            raise BadRequestError(
+                f"deep prompts must be float [{end - start}, 1 or {batch}, 1..{max_prefix}, {self.hosted.hidden_size}]"
+                f", got {tuple(prompts.shape)} {prompts.dtype}"
+            )
+        if not torch.isfinite(prompts).all():
+            raise BadRequestError("deep prompts contain non-finite values")
+        return prompts.to(self.hosted.dtype)
+
+    def _adapter(self, name: str | None) -> Callable[[], contextlib.AbstractContextManager[None]]:
+        """A factory of contexts applying LoRA adapter `name` on the compute thread (no-ops for None)."""
+        if name is None:
+            return contextlib.nullcontext
+        if name not in self.hosted.adapters:
+            hosted = ", ".join(sorted(self.hosted.adapters)) or "none"
+            raise BadRequestError(f"unknown adapter {name!r}; this server has: {hosted}")
+        from petalnode.compute import active_adapter
+
+        return functools.partial(active_adapter, name)
+
     async def rpc_info(self, request: InfoRequest, context: CallContext) -> ServerInfo:
         hosted = self.hosted
         return ServerInfo(
@@ -103,13 +142,44 @@ class BlockServer:
         span = self._check_range(request.model, request.start_block, request.end_block)
         hidden = request.hidden
         self._check_hidden(hidden)
+        prompts = self._check_prompts(request.prompts, request.start_block, request.end_block, hidden.shape[0],
+                                      hidden.shape[1])
+        adapter = self._adapter(request.adapter)
 
         def run() -> torch.Tensor:
-            positions = torch.arange(hidden.shape[1])[None]
-            with torch.inference_mode():
-                return span.forward_span(hidden.to(self.hosted.dtype), None, positions)
+            with adapter():
+                return span_forward(span, hidden.to(self.hosted.dtype), prompts)
 
-        return ForwardResult(hidden=await self.executor.run(run, priority=PRIORITY_BULK))
+        return ForwardResult(hidden=await self._run_bulk(run))
+
+    async def rpc_backward(self, request: BackwardRequest, context: CallContext) -> BackwardResult:
+        span = self._check_range(request.model, request.start_block, request.end_block)
+        hidden, grad_output = request.hidden, request.grad_output
+        self._check_hidden(hidden)
+        if grad_output.shape != hidden.shape or not grad_output.is_floating_point():
+            raise BadRequestError(
+                f"grad_output must be a float tensor shaped like the hidden states {tuple(hidden.shape)}, got "
+                f"{tuple(grad_output.shape)} {grad_output.dtype}"
+            )
+        if not torch.isfinite(grad_output).all():
+            raise BadRequestError("grad_output contains non-finite values")
+        prompts = self._check_prompts(request.prompts, request.start_block, request.end_block, hidden.shape[0],
+                                      hidden.shape[1])
+        adapter = self._adapter(request.adapter)
+
+        def run() -> tuple[torch.Tensor, torch.Tensor | None]:
+            with adapter():
+                return span_backward(span, hidden.to(self.hosted.dtype), grad_output, prompts)
+
+        grad_hidden, grad_prompts = await self._run_bulk(run)
+        return BackwardResult(grad_hidden=grad_hidden, grad_prompts=grad_prompts)
+
+    async def _run_bulk(self, fn: Callable[[], T]) -> T:
+        """Forward/backward work: queued behind inference steps; compute errors become bad requests."""
+        try:
+            return await self.executor.run(fn, priority=PRIORITY_BULK)
+        except (ComputeError, InvalidStateError) as e:
+            raise BadRequestError(str(e)) from e
 
     async def rpc_inference(self, stream: RPCStream, context: CallContext) -> None:
         opening = await stream.receive(timeout_s=FIRST_MESSAGE_TIMEOUT_S)
@@ -123,8 +193,11 @@ class BlockServer:
         except ValueError:
             raise BadRequestError(f"unknown reply codec {opening.reply_codec!r}") from None
         # The manager that owns this session: after a move, old sessions finish on the old span.
+        prompts = self._check_prompts(opening.prompts, opening.start_block, opening.end_block, opening.batch_size,
+                                      opening.max_length)
+        adapter = self._adapter(opening.adapter)
         sessions = self.sessions
-        session = sessions.open(opening.max_length, batch_size=opening.batch_size, span=span)
+        session = sessions.open(opening.max_length, batch_size=opening.batch_size, span=span, prompts=prompts)
         log.info("session %s from %s: blocks %d:%d, max_length %d", session.session_id, context.remote_peer_id,
                  opening.start_block, opening.end_block, opening.max_length)
         try:
@@ -140,7 +213,8 @@ class BlockServer:
                 sessions.get(session.session_id)  # touch: the session is in use
 
                 def run(step: InferenceStep = step) -> torch.Tensor:
-                    return session.step(step.hidden, start_position=step.start_position)
+                    with adapter():
+                        return session.step(step.hidden, start_position=step.start_position)
 
                 self._in_flight += 1
                 self._idle.clear()
