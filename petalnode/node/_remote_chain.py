@@ -113,14 +113,29 @@ class RemoteBlockChain:
             raise
         return cls(client, loop)
 
-    def open_session(self, max_length: int, *, batch_size: int = 1) -> RemoteChainSession:
+    def open_session(
+        self, max_length: int, *, batch_size: int = 1, adapter: str | None = None,
+        prompts: torch.Tensor | None = None,
+    ) -> RemoteChainSession:
         if self._closed:
             raise ClosedResourceError("the swarm client is closed")
-        return RemoteChainSession(self._loop, self._loop.run(self.client.open_session(max_length,
-                                                                                       batch_size=batch_size)))
+        session = self.run(self.client.open_session(max_length, batch_size=batch_size, adapter=adapter,
+                                                    prompts=prompts))
+        return RemoteChainSession(self._loop, session)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self._loop.run(self.client.forward(hidden_states))
+    def forward(
+        self, hidden_states: torch.Tensor, *, prompts: torch.Tensor | None = None, adapter: str | None = None,
+    ) -> torch.Tensor:
+        """Whole sequences through the swarm; differentiable in `hidden_states` and `prompts` (autograd)."""
+        from petalnode.node._remote_autograd import RemoteChainFunction
+
+        return RemoteChainFunction.apply(hidden_states, prompts, self, adapter)
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the client's loop and wait for it."""
+        if self._closed:
+            raise ClosedResourceError("the swarm client is closed")
+        return self._loop.run(coro)
 
     def swarm(self) -> SwarmView:
         return self._loop.run(self.client.swarm())

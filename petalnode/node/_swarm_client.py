@@ -10,6 +10,9 @@ busy, a reply of the wrong shape), the client bans that server with exponential 
 for exactly that hop's blocks (possibly several servers), replays the kept inputs through the replacement to
 rebuild its caches, and retries the step. Positions are explicit in every step, so a replacement continues at
 the exact position, and greedy output is identical to a run without failures.
+
+Training passes (`forward` with a trace, then `backward`) are stateless on servers: the trace keeps each hop's
+input, so the backward of a hop whose server died is recomputed by any other server(s) hosting those blocks.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from petalnode.codecs import TensorCodec
 from petalnode.dht import DHTNode
 from petalnode.errors import (
+    BadRequestError,
     ClosedResourceError,
     CodecError,
     DHTError,
@@ -41,6 +45,8 @@ from petalnode.errors import (
 from petalnode.identity import Identity, PeerAddress, PeerId
 from petalnode.node._bans import BanList
 from petalnode.node._protocol import (
+    BackwardRequest,
+    BackwardResult,
     ForwardRequest,
     ForwardResult,
     InferenceOpened,
@@ -63,6 +69,8 @@ RTT_PROBE_TIMEOUT_S = 2.0
 WAIT_FOR_BLOCKS_S = 60.0
 SWARM_VIEW_MAX_AGE_S = 10.0
 MAX_FAILOVERS_PER_STEP = 8
+# Positions (batch x sequence) in one forward/backward request; servers refuse more (MAX_FORWARD_TOKENS).
+MAX_PASS_TOKENS = 8192
 # Errors after which a server is banned and routed around. Anything else is a bug on our side and propagates.
 HOP_FAILURES = (TransportError, RemoteError, RemoteProtocolError, CodecError, TimeoutError)
 
@@ -89,17 +97,23 @@ class _Hop:
 class SwarmSession:
     """An inference session through a route of servers, with failover."""
 
-    def __init__(self, client: SwarmClient, max_length: int, batch_size: int) -> None:
+    def __init__(
+        self, client: SwarmClient, max_length: int, batch_size: int, *, adapter: str | None = None,
+        prompts: torch.Tensor | None = None,
+    ) -> None:
         self._client = client
         self.max_length = max_length
         self.batch_size = batch_size
+        self.adapter = adapter
+        self.prompts = prompts
         self.hops: list[_Hop] = []
         self.position = 0
         self.reroutes = 0
         self.closed = False
 
     async def open(self) -> None:
-        self.hops = await self._client._open_hops(0, self._client.num_blocks, self.max_length, self.batch_size)
+        self.hops = await self._client._open_hops(0, self._client.num_blocks, self.max_length, self.batch_size,
+                                                  adapter=self.adapter, prompts=self.prompts)
 
     async def step(self, hidden: torch.Tensor, start_position: int | None = None) -> torch.Tensor:
         """[batch, n, hidden] at positions [start, start + n) through every block; returns the last block's output."""
@@ -139,7 +153,8 @@ class SwarmSession:
         )
         with contextlib.suppress(Exception):
             await old.stream.reset("replaced after failure")
-        new_hops = await self._client._open_hops(old.start, old.end, self.max_length, self.batch_size)
+        new_hops = await self._client._open_hops(old.start, old.end, self.max_length, self.batch_size,
+                                                 adapter=self.adapter, prompts=self.prompts)
         replay = old.inputs
         try:
             if replay is not None and replay.shape[1] > 0:
@@ -245,10 +260,16 @@ class SwarmClient:
             await self._dht.aclose()
 
     # -- public ---------------------------------------------------------------------------------------------
-    async def open_session(self, max_length: int, *, batch_size: int = 1) -> SwarmSession:
+    async def open_session(
+        self, max_length: int, *, batch_size: int = 1, adapter: str | None = None,
+        prompts: torch.Tensor | None = None,
+    ) -> SwarmSession:
+        """An inference session; `adapter` names a LoRA adapter, `prompts` are deep prompts for every block."""
         if self._closed:
             raise ClosedResourceError("the swarm client is closed")
-        session = SwarmSession(self, max_length, batch_size)
+        if prompts is not None:
+            self._check_prompts(prompts, batch_size, max_length)
+        session = SwarmSession(self, max_length, batch_size, adapter=adapter, prompts=prompts)
         await session.open()
         return session
 
@@ -257,28 +278,138 @@ class SwarmClient:
             raise InvalidStateError("the swarm client is not started")
         return await fetch_swarm(self._dht, self.model, self.num_blocks)
 
-    async def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """A stateless pass over whole sequences through every block (no cache kept anywhere)."""
-        rpc = self._require_rpc()
-        for _attempt in range(MAX_FAILOVERS_PER_STEP):
-            route = await self._route(0, self.num_blocks, 0)
-            current = hidden
-            hop = route[0]
+    async def forward(
+        self, hidden: torch.Tensor, *, prompts: torch.Tensor | None = None, adapter: str | None = None,
+        trace: list[PassHop] | None = None,
+    ) -> torch.Tensor:
+        """A stateless pass over whole sequences through every block (no cache kept anywhere).
+
+        Args:
+            hidden: [batch, seq, hidden] input of block 0.
+            prompts: deep prompts [num_blocks, 1 or batch, prefix, hidden], added to every block's input.
+            adapter: a LoRA adapter name; only servers announcing it are used.
+            trace: if given, every hop's input is appended to it, for `backward`.
+        """
+        self._check_pass(hidden, prompts)
+        block, current, failures = 0, hidden, 0
+        while block < self.num_blocks:
+            route = await self._route(block, self.num_blocks, 0, adapter=adapter)
+            for hop in route:
+                try:
+                    output = await self._call_forward(hop.server, hop.start, hop.end, current, prompts, adapter)
+                except HOP_FAILURES as e:
+                    failures += 1
+                    self._pass_failed(hop.server, "forward", e, failures)
+                    break  # reroute from this hop's first block
+                if trace is not None:
+                    trace.append(PassHop(hop.server, hop.start, hop.end, current))
+                current, block = output, hop.end
+        return current
+
+    async def backward(
+        self, trace: Sequence[PassHop], grad_output: torch.Tensor, *, prompts: torch.Tensor | None = None,
+        adapter: str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gradients of the traced forward pass for its input and its deep prompts.
+
+        Each hop goes back to the server that ran its forward; if that server fails, the hop's blocks are routed
+        anew (possibly over several servers), which recompute from the traced input. Returns
+        (grad of the input hidden states, grad of `prompts` or None).
+        """
+        grad_prompts = None if prompts is None else torch.zeros_like(prompts)
+        grad = grad_output
+        for hop in reversed(trace):
+            grad = await self._backward_hop(hop, grad, prompts, adapter, grad_prompts)
+        return grad, grad_prompts
+
+    async def _backward_hop(
+        self, hop: PassHop, grad: torch.Tensor, prompts: torch.Tensor | None, adapter: str | None,
+        grad_prompts: torch.Tensor | None,
+    ) -> torch.Tensor:
+        failures = 0
+        while True:
+            if failures == 0 and hop.server.peer_id not in self.bans.banned():
+                route = [RouteHop(hop.server.peer_id, hop.start, hop.end, hop.server)]
+            else:
+                route = await self._route(hop.start, hop.end, 0, adapter=adapter)
+            server = route[0].server
             try:
-                for hop in route:
-                    reply = await rpc.call(
-                        _address_of(hop.server), "forward",
-                        ForwardRequest(model=self.model, start_block=hop.start, end_block=hop.end, hidden=current),
-                        expected=ForwardResult, tensor_codec=self.codec,
-                    )
-                    if reply.hidden.shape != current.shape:
-                        raise RemoteProtocolError(f"server {hop.peer_id} replied with the wrong shape")
-                    current = reply.hidden.to(self.dtype)
-                return current
+                inputs = [hop.inputs]  # a replacement route over several servers needs each one's input
+                for sub in route[:-1]:
+                    server = sub.server
+                    inputs.append(await self._call_forward(server, sub.start, sub.end, inputs[-1], prompts, adapter))
+                partial: list[tuple[int, int, torch.Tensor]] = []
+                for sub, sub_input in zip(reversed(route), reversed(inputs), strict=True):
+                    server = sub.server
+                    grad, sub_grad_prompts = await self._call_backward(server, sub.start, sub.end, sub_input, grad,
+                                                                       prompts, adapter)
+                    if sub_grad_prompts is not None:
+                        partial.append((sub.start, sub.end, sub_grad_prompts))
             except HOP_FAILURES as e:
-                log.warning("forward through %s failed (%s); rerouting", hop.peer_id, e)
-                self.bans.ban(hop.peer_id)
-        raise NoRouteError(f"forward through {self.model} failed {MAX_FAILOVERS_PER_STEP} times", missing=[])
+                failures += 1
+                self._pass_failed(server, "backward", e, failures)
+                continue
+            if grad_prompts is not None:
+                for start, end, value in partial:
+                    grad_prompts[start:end] += value.to(grad_prompts.dtype)
+            return grad
+
+    def _pass_failed(self, server: ServerView, verb: str, error: BaseException, failures: int) -> None:
+        duration = self.bans.ban(server.peer_id)
+        log.warning("%s through %s (blocks %d-%d) failed: %s: %s; banned for %.0f s, rerouting", verb,
+                    server.peer_id, server.start, server.end - 1, type(error).__name__, error, duration)
+        if failures > MAX_FAILOVERS_PER_STEP:
+            raise NoRouteError(f"{verb} through {self.model} failed {failures} times; last error: {error}",
+                               missing=[]) from error
+
+    async def _call_forward(
+        self, server: ServerView, start: int, end: int, hidden: torch.Tensor, prompts: torch.Tensor | None,
+        adapter: str | None,
+    ) -> torch.Tensor:
+        reply = await self._require_rpc().call(
+            _address_of(server), "forward",
+            ForwardRequest(model=self.model, start_block=start, end_block=end, hidden=hidden.contiguous(),
+                           prompts=None if prompts is None else prompts[start:end].contiguous(), adapter=adapter),
+            expected=ForwardResult, tensor_codec=self.codec,
+        )
+        return _checked(reply.hidden, hidden.shape, server, "hidden states").to(self.dtype)
+
+    async def _call_backward(
+        self, server: ServerView, start: int, end: int, hidden: torch.Tensor, grad: torch.Tensor,
+        prompts: torch.Tensor | None, adapter: str | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        span_prompts = None if prompts is None else prompts[start:end].contiguous()
+        reply = await self._require_rpc().call(
+            _address_of(server), "backward",
+            BackwardRequest(model=self.model, start_block=start, end_block=end, hidden=hidden.contiguous(),
+                            grad_output=grad.contiguous(), prompts=span_prompts, adapter=adapter),
+            expected=BackwardResult, tensor_codec=self.codec,
+        )
+        grad_hidden = _checked(reply.grad_hidden, hidden.shape, server, "input gradients").to(self.dtype)
+        if span_prompts is None:
+            if reply.grad_prompts is not None:
+                raise RemoteProtocolError(f"server {server.peer_id} returned prompt gradients nobody asked for")
+            return grad_hidden, None
+        if reply.grad_prompts is None:
+            raise RemoteProtocolError(f"server {server.peer_id} returned no prompt gradients")
+        return grad_hidden, _checked(reply.grad_prompts, span_prompts.shape, server, "prompt gradients")
+
+    def _check_pass(self, hidden: torch.Tensor, prompts: torch.Tensor | None) -> None:
+        """Refuse malformed training input here, with a clear error, instead of failing over on it."""
+        if hidden.ndim != 3 or not hidden.is_floating_point():
+            raise BadRequestError(f"hidden states must be a float tensor [batch, seq, hidden], got "
+                                  f"{tuple(hidden.shape)} {hidden.dtype}")
+        if hidden.shape[0] * hidden.shape[1] > MAX_PASS_TOKENS:
+            raise BadRequestError(f"at most {MAX_PASS_TOKENS} positions per pass, got batch {hidden.shape[0]} x "
+                                  f"{hidden.shape[1]}; split the batch")
+        if prompts is not None:
+            self._check_prompts(prompts, hidden.shape[0], hidden.shape[1])
+
+    def _check_prompts(self, prompts: torch.Tensor, batch: int, max_prefix: int) -> None:
+        if (prompts.ndim != 4 or prompts.shape[0] != self.num_blocks or prompts.shape[1] not in (1, batch)
+                or not 1 <= prompts.shape[2] <= max_prefix or not prompts.is_floating_point()):
+            raise BadRequestError(f"deep prompts must be float [{self.num_blocks}, 1 or {batch}, 1..{max_prefix}, "
+                                  f"hidden], got {tuple(prompts.shape)} {prompts.dtype}")
 
     # -- internals ------------------------------------------------------------------------------------------
     def _require_rpc(self) -> RPC:
@@ -286,7 +417,9 @@ class SwarmClient:
             raise ClosedResourceError("the swarm client is not running")
         return self._rpc
 
-    async def _route(self, start: int, end: int, min_cache_tokens: int) -> list[RouteHop]:
+    async def _route(
+        self, start: int, end: int, min_cache_tokens: int, *, adapter: str | None = None
+    ) -> list[RouteHop]:
         """A route over [start, end), waiting up to `wait_for_blocks_s` for missing blocks to get a server."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait_for_blocks_s
@@ -303,7 +436,7 @@ class SwarmClient:
             try:
                 return choose_route(
                     view, start=start, end=end, rtt_s=self.rtt, banned=self.bans.banned(),
-                    min_cache_tokens=min_cache_tokens, rng=self.rng, model=self.model,
+                    min_cache_tokens=min_cache_tokens, rng=self.rng, model=self.model, adapter=adapter,
                 )
             except NoRouteError as e:
                 if not fresh:
@@ -339,14 +472,17 @@ class SwarmClient:
 
         await asyncio.gather(*(probe(s) for s in unknown))
 
-    async def _open_hops(self, start: int, end: int, max_length: int, batch_size: int) -> list[_Hop]:
+    async def _open_hops(
+        self, start: int, end: int, max_length: int, batch_size: int, *, adapter: str | None = None,
+        prompts: torch.Tensor | None = None,
+    ) -> list[_Hop]:
         """Open inference streams along a route over [start, end), rerouting around servers that refuse."""
         for _attempt in range(MAX_FAILOVERS_PER_STEP):
-            route = await self._route(start, end, max_length * batch_size)
+            route = await self._route(start, end, max_length * batch_size, adapter=adapter)
             hops: list[_Hop] = []
             try:
                 for step in route:
-                    hops.append(await self._open_hop(step, max_length, batch_size))
+                    hops.append(await self._open_hop(step, max_length, batch_size, adapter, prompts))
                 return hops
             except HOP_FAILURES as e:
                 failed = route[len(hops)]
@@ -358,7 +494,9 @@ class SwarmClient:
         raise NoRouteError(f"could not open a session through blocks {start}-{end - 1} of {self.model} after "
                            f"{MAX_FAILOVERS_PER_STEP} attempts", missing=[(start, end)])
 
-    async def _open_hop(self, step: RouteHop, max_length: int, batch_size: int) -> _Hop:
+    async def _open_hop(
+        self, step: RouteHop, max_length: int, batch_size: int, adapter: str | None, prompts: torch.Tensor | None
+    ) -> _Hop:
         rpc = self._require_rpc()
         async with asyncio.timeout(OPEN_TIMEOUT_S):
             stream = await rpc.open_stream(_address_of(step.server), "inference",
@@ -366,7 +504,8 @@ class SwarmClient:
             try:
                 await stream.send(OpenInference(
                     model=self.model, start_block=step.start, end_block=step.end, max_length=max_length,
-                    batch_size=batch_size, reply_codec=self.codec.value,
+                    batch_size=batch_size, reply_codec=self.codec.value, adapter=adapter,
+                    prompts=None if prompts is None else prompts[step.start : step.end].contiguous(),
                 ))
                 opened = await stream.receive()
                 if not isinstance(opened, InferenceOpened):
@@ -392,6 +531,26 @@ class SwarmClient:
         if not torch.isfinite(out).all():
             raise RemoteProtocolError(f"server {hop.peer_id} replied with non-finite hidden states")
         return out.to(self.dtype)
+
+
+@dataclass
+class PassHop:
+    """One hop of a traced forward pass: the server that ran blocks [start, end) and the input it was given."""
+
+    server: ServerView
+    start: int
+    end: int
+    inputs: torch.Tensor
+
+
+def _checked(tensor: torch.Tensor, shape: torch.Size, server: ServerView, what: str) -> torch.Tensor:
+    """A server's reply tensor, refused unless it has the expected shape and finite float values."""
+    if tensor.shape != shape or not tensor.is_floating_point():
+        raise RemoteProtocolError(f"server {server.peer_id} replied with {what} of shape {tuple(tensor.shape)} "
+                                  f"{tensor.dtype}; expected {tuple(shape)}")
+    if not torch.isfinite(tensor).all():
+        raise RemoteProtocolError(f"server {server.peer_id} replied with non-finite {what}")
+    return tensor
 
 
 def _address_of(server: ServerView) -> PeerAddress:
