@@ -30,10 +30,21 @@ class ChainSession(Protocol):
 
 
 class BlockChain(Protocol):
-    def open_session(self, max_length: int, *, batch_size: int = 1) -> ChainSession: ...
+    def open_session(
+        self, max_length: int, *, batch_size: int = 1, adapter: str | None = None,
+        prompts: torch.Tensor | None = None,
+    ) -> ChainSession:
+        """A session keeping caches; `prompts` are deep prompts [num_blocks, 1 or batch, prefix, hidden]."""
+        ...
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """A stateless pass over a whole sequence (no cache), e.g. for scoring or training."""
+    def forward(
+        self, hidden_states: torch.Tensor, *, prompts: torch.Tensor | None = None, adapter: str | None = None,
+    ) -> torch.Tensor:
+        """A stateless pass over whole sequences (no cache), for scoring or training.
+
+        Differentiable (torch autograd) with respect to `hidden_states` and the deep `prompts`; block weights
+        stay frozen. `adapter` names a LoRA adapter to apply in every block.
+        """
         ...
 
     def close(self) -> None: ...
@@ -48,12 +59,16 @@ def even_spans(num_blocks: int, parts: int) -> list[tuple[int, int]]:
 
 
 class _LocalChainSession:
-    def __init__(self, managers: list[SessionManager], max_length: int, batch_size: int) -> None:
+    def __init__(
+        self, managers: list[SessionManager], ranges: list[tuple[int, int]], max_length: int, batch_size: int,
+        prompts: torch.Tensor | None,
+    ) -> None:
         self._managers = managers
         self._sessions = []
         try:
-            for manager in managers:
-                self._sessions.append(manager.open(max_length, batch_size=batch_size))
+            for manager, (start, end) in zip(managers, ranges, strict=True):
+                span_prompts = None if prompts is None else prompts[start:end]
+                self._sessions.append(manager.open(max_length, batch_size=batch_size, prompts=span_prompts))
         except BaseException:
             self.close()
             raise
@@ -80,6 +95,7 @@ class LocalBlockChain:
         device: torch.device | str = "cpu", cache_budget_bytes: int = 1 << 30,
     ) -> None:
         spans = spans or [(0, info.num_blocks)]
+        self.ranges = list(spans)
         self.spans = [load_block_span(info, start, end, dtype=dtype, device=device) for start, end in spans]
         per_block = info.kv_bytes_per_token_per_block(dtype)
         self._managers = [
@@ -90,14 +106,26 @@ class LocalBlockChain:
             for span, (start, end) in zip(self.spans, spans, strict=True)
         ]
 
-    def open_session(self, max_length: int, *, batch_size: int = 1) -> _LocalChainSession:
-        return _LocalChainSession(self._managers, max_length, batch_size)
+    def open_session(
+        self, max_length: int, *, batch_size: int = 1, adapter: str | None = None,
+        prompts: torch.Tensor | None = None,
+    ) -> _LocalChainSession:
+        self._check_adapter(adapter)
+        return _LocalChainSession(self._managers, self.ranges, max_length, batch_size, prompts)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, *, prompts: torch.Tensor | None = None, adapter: str | None = None,
+    ) -> torch.Tensor:
+        self._check_adapter(adapter)
         position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device)[None]
-        for span in self.spans:
-            hidden_states = span.forward_span(hidden_states, None, position_ids)
+        for span, (start, end) in zip(self.spans, self.ranges, strict=True):
+            span_prompts = None if prompts is None else prompts[start:end]
+            hidden_states = span.forward_span(hidden_states, None, position_ids, span_prompts)
         return hidden_states
+
+    def _check_adapter(self, adapter: str | None) -> None:
+        if adapter is not None:
+            raise ConfigError("LoRA adapters are served by swarm servers; an in-process chain has none")
 
     def close(self) -> None:
         for manager in self._managers:

@@ -8,6 +8,11 @@ Session semantics (as in Petals): outside `inference_session()`, every `generate
 for its prompt plus `max_new_tokens` and closes it afterwards. Inside `with model.inference_session(max_length=N)`,
 successive `generate()` calls continue the same server-side caches: pass only the new tokens (or the whole
 history; a prefix equal to what the session already holds is skipped).
+
+Fine-tuning: the model is a `torch.nn.Module` whose forward is differentiable through the swarm. With
+`tuning_mode="ptune"` or `"deep_ptune"` it owns trainable prompts (see `_ptune.py`); `loss.backward()` fills their
+gradients while the frozen blocks' backward runs on the servers. `adapter=` selects a LoRA adapter the servers
+announce. `DistributedModelForSequenceClassification` adds a trainable classification head.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ from typing import Any
 
 import torch
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 
 from petalnode.client._chain import BlockChain, ChainSession, LocalBlockChain
+from petalnode.client._ptune import PromptTuning
 from petalnode.compute import ModelInfo, load_client_head, load_model_info
 from petalnode.errors import BadRequestError, InvalidStateError
 
@@ -50,10 +56,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_flex_attn = True
     _no_split_modules: list[str] = []
 
-    def __init__(self, config: PretrainedConfig, head: torch.nn.Module, chain: BlockChain) -> None:
+    def __init__(
+        self, config: PretrainedConfig, head: torch.nn.Module, chain: BlockChain, *,
+        prompt_tuning: PromptTuning | None = None, adapter: str | None = None,
+    ) -> None:
         super().__init__(config)
         self.head = head
         self.chain = chain
+        self.prompt_tuning = prompt_tuning
+        self.adapter = adapter
         self._active: _ActiveSession | None = None
         self.model_info: ModelInfo | None = None
 
@@ -67,14 +78,21 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         spans: list[tuple[int, int]] | None = None,
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 16,
+        adapter: str | None = None,
+        _init_kwargs: dict[str, Any] | None = None,
         **chain_options: Any,
-    ) -> DistributedModelForCausalLM:
+    ) -> Any:
         """Load the client part of `model` (a local directory, or the default model when None).
 
         Args:
             bootstrap: swarm addresses; the blocks run on the swarm's servers.
             chain: an explicit block chain (overrides `bootstrap`).
             spans: with neither, run all blocks in this process, split into these spans.
+            tuning_mode: None, "ptune" or "deep_ptune": add trainable prompts of `pre_seq_len` positions.
+            adapter: the name of a LoRA adapter to apply on the servers (only servers announcing it are used).
+            Further keywords go to the chain (e.g. `codec`, `wait_for_blocks_s` for a swarm).
         """
         info = load_model_info(model)
         head = load_client_head(info, dtype=dtype, device=device)
@@ -85,11 +103,22 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 chain = RemoteBlockChain.connect(info, bootstrap=bootstrap, dtype=dtype, **chain_options)
             else:
                 chain = LocalBlockChain(info, spans=spans, dtype=dtype, device=device)
-        instance = cls(info.config, head, chain)
+        prompt_tuning = None
+        if tuning_mode is not None:
+            prompt_tuning = PromptTuning(
+                tuning_mode, pre_seq_len, info.hidden_size, info.num_blocks,
+                init_std=float(getattr(info.config, "initializer_range", 0.02)),
+            ).to(device)
+        instance = cls(info.config, head, chain, prompt_tuning=prompt_tuning, adapter=adapter,
+                       **(_init_kwargs or {}))
         instance.model_info = info
         instance.generation_config = _generation_config(info.source.path, info.config)
         instance.eval()
         return instance
+
+    @property
+    def pre_seq_len(self) -> int:
+        return 0 if self.prompt_tuning is None else self.prompt_tuning.pre_seq_len
 
     # --- transformers plumbing ---------------------------------------------------------------------------
     def get_input_embeddings(self) -> torch.nn.Module:
@@ -108,7 +137,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         """Keep server-side caches across several `generate()` calls (multi-turn chat)."""
         if self._active is not None:
             raise InvalidStateError("an inference session is already active on this model")
-        session = self.chain.open_session(max_length, batch_size=batch_size)
+        deep = None if self.prompt_tuning is None else self.prompt_tuning.deep()
+        session = self.chain.open_session(
+            max_length + self.pre_seq_len, batch_size=batch_size, adapter=self.adapter,
+            prompts=None if deep is None else deep.detach(),
+        )
         self._active = _ActiveSession(session=session, max_length=max_length)
         try:
             yield session
@@ -144,21 +177,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise BadRequestError("padded batches (attention_mask with zeros) are not supported yet")
-        active = self._active
-        if active is not None and input_ids is not None:
-            input_ids = self._skip_known_prefix(active, input_ids)
-        if inputs_embeds is None:
-            if input_ids is None:
-                raise BadRequestError("forward() needs input_ids or inputs_embeds")
-            inputs_embeds = self.head.embed(input_ids)
-        if active is None:
-            hidden = self.chain.forward(inputs_embeds)
-        else:
-            hidden = active.session.step(inputs_embeds, start_position=active.session.position)
-            if input_ids is not None:
-                active.history = input_ids if active.history is None else torch.cat([active.history, input_ids], 1)
+        hidden = self._hidden_states(input_ids, attention_mask, inputs_embeds)
         logits = self.head.logits(hidden, logits_to_keep)
         loss = None
         if labels is not None:
@@ -166,6 +185,33 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    def _hidden_states(
+        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The last block's output for the input positions (prompt positions removed); differentiable."""
+        active = self._active
+        _check_padding(attention_mask, allow_right_padding=active is None)
+        if active is not None and input_ids is not None:
+            input_ids = self._skip_known_prefix(active, input_ids)
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise BadRequestError("forward() needs input_ids or inputs_embeds")
+            inputs_embeds = self.head.embed(input_ids)
+        tuning = self.prompt_tuning
+        prefix = 0
+        if tuning is not None and (active is None or active.session.position == 0):
+            inputs_embeds = torch.cat([tuning.shallow(inputs_embeds.shape[0]).to(inputs_embeds.dtype),
+                                       inputs_embeds], dim=1)
+            prefix = tuning.pre_seq_len
+        if active is None:
+            deep = None if tuning is None else tuning.deep()
+            hidden = self.chain.forward(inputs_embeds, prompts=deep, adapter=self.adapter)
+        else:
+            hidden = active.session.step(inputs_embeds, start_position=active.session.position)
+            if input_ids is not None:
+                active.history = input_ids if active.history is None else torch.cat([active.history, input_ids], 1)
+        return hidden[:, prefix:]
 
     @staticmethod
     def _skip_known_prefix(active: _ActiveSession, input_ids: torch.Tensor) -> torch.Tensor:
@@ -183,6 +229,68 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.chain.close()
 
 
+class DistributedModelForSequenceClassification(DistributedModelForCausalLM):
+    """Classification with a trainable head on the client: the last real token's final hidden state -> labels.
+
+    As transformers' `LlamaForSequenceClassification`: final norm, a bias-free linear `score`, pooled at each
+    row's last non-padding token (right padding, given by `attention_mask`). Loss: cross-entropy for integer
+    labels, mean squared error when `num_labels == 1`, BCE-with-logits for float multi-label targets.
+    """
+
+    def __init__(self, config: PretrainedConfig, head: torch.nn.Module, chain: BlockChain, *,
+                 num_labels: int = 2, **kwargs: Any) -> None:
+        super().__init__(config, head, chain, **kwargs)
+        self.num_labels = num_labels
+        self.score = torch.nn.Linear(config.hidden_size, num_labels, bias=False)
+        torch.nn.init.normal_(self.score.weight, std=float(getattr(config, "initializer_range", 0.02)))
+
+    @classmethod
+    def from_pretrained(cls, model: Any = None, *, num_labels: int = 2, **kwargs: Any) -> Any:  # type: ignore[override]
+        """As the causal LM's, plus `num_labels` (the head is freshly initialised: train it)."""
+        return super().from_pretrained(model, _init_kwargs={"num_labels": num_labels}, **kwargs)
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> SequenceClassifierOutputWithPast:
+        if self._active is not None:
+            raise InvalidStateError("sequence classification runs outside inference sessions")
+        hidden = self._hidden_states(input_ids, attention_mask, inputs_embeds)
+        if attention_mask is not None:
+            last = attention_mask.sum(dim=1).long() - 1
+        else:
+            last = torch.full((hidden.shape[0],), hidden.shape[1] - 1, dtype=torch.long)
+        pooled = self.head.norm(hidden[torch.arange(hidden.shape[0]), last])
+        logits = self.score(pooled.to(self.score.weight.dtype))
+        loss = None
+        if labels is not None:
+            if self.num_labels == 1:
+                loss = torch.nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
+            elif labels.dtype in (torch.long, torch.int):
+                loss = torch.nn.functional.cross_entropy(logits.float(), labels.view(-1))
+            else:
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float())
+        return SequenceClassifierOutputWithPast(loss=loss, logits=logits)
+
+
+def _check_padding(attention_mask: torch.Tensor | None, *, allow_right_padding: bool) -> None:
+    """Right padding is exact without a mask in causal blocks (real tokens never see later pads); nothing else is."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return
+    mask = attention_mask.bool()
+    lengths = mask.sum(dim=1)
+    right_padded = torch.equal(mask, torch.arange(mask.shape[1])[None] < lengths[:, None]) and bool((lengths > 0).all())
+    if not allow_right_padding or not right_padded:
+        raise BadRequestError(
+            "only right-padded batches are supported, and only outside generation (attention_mask must be ones "
+            "followed by zeros in every row)"
+        )
+
+
 def _generation_config(path: Path, config: PretrainedConfig) -> GenerationConfig:
     try:
         return GenerationConfig.from_pretrained(path)
@@ -191,3 +299,4 @@ def _generation_config(path: Path, config: PretrainedConfig) -> GenerationConfig
 
 
 AutoDistributedModelForCausalLM = DistributedModelForCausalLM
+AutoDistributedModelForSequenceClassification = DistributedModelForSequenceClassification
