@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -23,6 +23,7 @@ from petalnode.compute import (
     span_adapters,
 )
 from petalnode.errors import ComputeError, ConfigError, ModelNotFoundError
+from tests.tiny_models import build_lora_adapter
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 # The PEFT options each case exercises; every one changes outputs, so a wrong scaling or selection cannot pass.
@@ -38,23 +39,10 @@ PROMPT = torch.tensor([[5, 17, 42, 8, 99, 3, 250, 7]])
 FP32_TOL = 1e-5
 
 
-def _make_adapter(directory: Path, base_dir: Path, *, seed: int = 0, **lora: object) -> Path:
-    """Save a real PEFT adapter for `base_dir` with random (nonzero) A and B, so it changes the outputs."""
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(lora_dropout=0.0, **lora))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    peft_model.save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
-    return {case: _make_adapter(root / case, tiny_model_dir, seed=i, **kwargs)
+    return {case: build_lora_adapter(root / case, tiny_model_dir, seed=i, **kwargs)
             for i, (case, kwargs) in enumerate(CASES.items())}
 
 
@@ -227,14 +215,14 @@ def test_missing_config_is_refused(tiny_model_dir: Path, adapters: dict[str, Pat
 
 def test_an_adapter_for_another_hidden_size_is_refused(tiny_model_factory, tmp_path: Path) -> None:
     narrow = tiny_model_factory(hidden_size=32)
-    adapter = _make_adapter(tmp_path / "narrow", narrow, **CASES["plain"])
+    adapter = build_lora_adapter(tmp_path / "narrow", narrow, **CASES["plain"])
     wide = tiny_model_factory(hidden_size=48)
     with pytest.raises(ConfigError, match=r"does not fit this model at block 0 .*made for another model"):
         load_lora_adapter(adapter, load_model_info(wide), 0, 2)
 
 
 def test_dora_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
-    dora = _make_adapter(tmp_path / "dora", tiny_model_dir, r=4, target_modules=["q_proj"], use_dora=True)
+    dora = build_lora_adapter(tmp_path / "dora", tiny_model_dir, r=4, target_modules=["q_proj"], use_dora=True)
     with pytest.raises(ConfigError, match="DoRA"):
         load_lora_adapter(dora, load_model_info(tiny_model_dir), 0, 2)
 
@@ -256,7 +244,7 @@ def test_configs_that_do_not_match_their_weights_are_refused(changes: dict, matc
 
 
 def test_lora_outside_the_blocks_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
-    head = _make_adapter(tmp_path / "head", tiny_model_dir, r=4, target_modules=["q_proj", "lm_head"])
+    head = build_lora_adapter(tmp_path / "head", tiny_model_dir, r=4, target_modules=["q_proj", "lm_head"])
     with pytest.raises(ConfigError, match=r"weights for lm_head.*, which is not in a transformer block"):
         load_lora_adapter(head, load_model_info(tiny_model_dir), 0, 2)
 
