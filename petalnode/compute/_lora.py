@@ -529,6 +529,9 @@ def attach_adapters(span: nn.Module, adapters: Sequence[LoraAdapter]) -> None:
 
 
 def span_adapters(span: nn.Module) -> frozenset[str]:
-    """Names of the adapters that every block of `span` (or of the span it is a view of) has."""
-    sets = [getattr(layer, _LAYER_NAMES, set()) for layer in span.layers]
+    """Names of the adapters that every block of `span` (or of the span it is a view of) has.
+
+    A span without `layers` (such as the churn simulator's stand-in) has none.
+    """
+    sets = [getattr(layer, _LAYER_NAMES, set()) for layer in getattr(span, "layers", ())]
     return frozenset(set.intersection(*sets)) if sets else frozenset()

@@ -176,6 +176,7 @@ def test_an_adapter_the_span_lacks_is_an_error_not_the_base_model(tiny_model_dir
 
 def test_attach_checks_blocks_and_names(tiny_model_dir: Path, adapters: dict[str, Path]) -> None:
     info, (span,) = _spans_with(tiny_model_dir, None, spans=[(0, 3)])
+    assert span_adapters(span) == span_adapters(torch.nn.Module()) == frozenset()  # stand-in spans have no layers
     with pytest.raises(ConfigError, match="loaded for blocks 1:3, not 0:3"):
         attach_adapters(span, [load_lora_adapter(adapters["plain"], info, 1, 3)])
     first = load_lora_adapter(adapters["plain"], info, 0, 3)
