@@ -57,3 +57,23 @@ def build_tiny_model(
     model.save_pretrained(directory, safe_serialization=True)
     build_tokenizer(directory, vocab_size)
     return directory
+
+
+def build_lora_adapter(directory: Path, base_dir: Path, *, seed: int = 0, **lora: object) -> Path:
+    """Save a real PEFT LoRA adapter for the model in `base_dir` into `directory` (PEFT's own save_pretrained).
+
+    `lora` goes to `peft.LoraConfig` (r, lora_alpha, target_modules, use_rslora, ...). A and B are random and
+    nonzero (PEFT initializes B to zero), so the adapter really changes the outputs.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(lora_dropout=0.0, **lora))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    peft_model.save_pretrained(directory)
+    return directory

@@ -34,6 +34,10 @@ def add_daemon_parsers(commands: argparse._SubParsersAction) -> None:
     join.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     join.add_argument("--rebalance-period", type=float, default=120.0, metavar="SECONDS",
                       help="re-check placement about this often and move if the swarm clearly gains (0: never)")
+    join.add_argument("--adapters", nargs="+", default=[], metavar="PATH_OR_NAME",
+                      help="LoRA adapters to serve (PEFT format, safetensors): adapter directories or hub ids already "
+                           "in the local Hugging Face cache; NAME=PATH sets the name clients select it by (default: "
+                           "the directory name or the hub id)")
     _common(join)
     join.set_defaults(run=run_join)
 
@@ -125,14 +129,16 @@ def run_join(args: argparse.Namespace) -> int:
     progress_bar = _ProgressBar()
     options = ServeOptions(model=args.model, vram_bytes=vram, num_blocks=args.num_blocks, blocks=blocks,
                            public_name=args.public_name, dtype=args.dtype, device=args.device,
-                           rebalance_period_s=args.rebalance_period or None)
+                           rebalance_period_s=args.rebalance_period or None, adapters=tuple(args.adapters))
     node = Node(**_node_kwargs(args), bootstrap=args.bootstrap, serve=options, progress=progress_bar.update)
 
     def ready(node: Node) -> None:
         progress_bar.close()
         hosted = node.hosted
-        print(f"petalnode: serving blocks {hosted.start}:{hosted.end} of {hosted.model} at {node.address} "
-              f"({hosted.throughput:.0f} steps/s per block). Ctrl-C to leave.", file=sys.stderr, flush=True)
+        with_adapters = f" with LoRA adapters {', '.join(sorted(hosted.adapters))}" if hosted.adapters else ""
+        print(f"petalnode: serving blocks {hosted.start}:{hosted.end} of {hosted.model}{with_adapters} at "
+              f"{node.address} ({hosted.throughput:.0f} steps/s per block). Ctrl-C to leave.", file=sys.stderr,
+              flush=True)
         _write_ready(args.ready_file, {"address": str(node.address), "start": hosted.start, "end": hosted.end})
 
     asyncio.run(_serve_until_stopped(node, ready))

@@ -42,12 +42,12 @@ async def _fetch(bootstrap: list[str], model: str, num_blocks: int):
 def render_status(view, model: str, bootstrap: str) -> str:
     from petalnode.node import describe_runs
 
-    rows = [("blocks", "peer", "state", "steps/s/block", "cache tokens", "name", "address")]
+    rows = [("blocks", "peer", "state", "steps/s/block", "cache tokens", "name", "address", "adapters")]
     for server in sorted(view.servers.values(), key=lambda s: (s.start, s.end, str(s.peer_id))):
         rows.append((
             f"{server.start}-{server.end - 1}", str(server.peer_id)[:12], server.state.name.lower(),
             f"{server.throughput:.0f}", str(server.cache_tokens_left), server.public_name or "-",
-            server.addresses[0] if server.addresses else "-",
+            server.addresses[0] if server.addresses else "-", ",".join(server.adapters) or "-",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [f"model {model}: {view.num_blocks} blocks, {len(view.servers)} servers"]

@@ -10,6 +10,7 @@ from petalnode.compute._budget import (
 from petalnode.compute._device import choose_device, choose_dtype, configure_threads, parse_dtype
 from petalnode.compute._family import FamilyAdapter, adapter_for
 from petalnode.compute._loader import ModelInfo, load_block_span, load_client_head, load_model_info
+from petalnode.compute._lora import LoraAdapter, active_adapter, attach_adapters, load_lora_adapter, span_adapters
 from petalnode.compute._model_source import (
     DEFAULT_MODEL,
     ModelSource,
@@ -29,10 +30,13 @@ __all__ = [
     "CheckpointReader",
     "FamilyAdapter",
     "InferenceSession",
+    "LoraAdapter",
     "ModelInfo",
     "ModelSource",
     "SessionManager",
+    "active_adapter",
     "adapter_for",
+    "attach_adapters",
     "cache_dir",
     "choose_device",
     "choose_dtype",
@@ -41,11 +45,13 @@ __all__ = [
     "format_size",
     "load_block_span",
     "load_client_head",
+    "load_lora_adapter",
     "load_model_info",
     "parse_dtype",
     "parse_size",
     "plan_blocks",
     "resolve_model",
+    "span_adapters",
     "span_backward",
     "span_forward",
 ]

@@ -8,11 +8,13 @@ and runs it inline on the event loop (so virtual time stays exact); everything e
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import torch
 
+from petalnode.errors import ConfigError
 from petalnode.node._executor import ComputeExecutor
 
 T = TypeVar("T")
@@ -40,6 +42,9 @@ class ComputeBackend(Protocol):
         """Run blocking setup work (loading) without stalling the loop."""
         ...
 
+    # Optional, called only when the server is configured with LoRA adapters (the simulator's stand-in has none):
+    # def load_adapters(self, info, span, specs, start, end, *, dtype, device) -> frozenset[str]
+
 
 class TorchBackend:
     """Real blocks from safetensors, computed on a dedicated thread."""
@@ -63,6 +68,21 @@ class TorchBackend:
         key = f"{info.source.name}|{device}|{dtype}|threads={torch.get_num_threads()}"
         return cached_block_throughput(key, span, info.hidden_size, dtype)
 
+    def load_adapters(
+        self, info: Any, span: torch.nn.Module, specs: Sequence[str], start: int, end: int, *, dtype: torch.dtype,
+        device: torch.device,
+    ) -> frozenset[str]:
+        """Load the LoRA adapters `specs` (`PATH_OR_HUB_ID` or `NAME=PATH_OR_HUB_ID`) for blocks [start, end) of
+        `span` and attach them; returns the names clients select them by. Raises `ConfigError` if one cannot."""
+        from petalnode.compute import attach_adapters, load_lora_adapter, span_adapters
+
+        adapters = []
+        for spec in specs:
+            name, path = split_adapter_spec(spec)
+            adapters.append(load_lora_adapter(path, info, start, end, dtype=dtype, device=device, name=name))
+        attach_adapters(span, adapters)
+        return span_adapters(span)
+
     def executor(self) -> ComputeExecutor:
         return ComputeExecutor()
 
@@ -74,6 +94,19 @@ class TorchBackend:
 
     async def offload(self, fn: Callable[[], T]) -> T:
         return await asyncio.to_thread(fn)
+
+
+def split_adapter_spec(spec: str) -> tuple[str | None, str]:
+    """`NAME=PATH_OR_HUB_ID` -> (NAME, PATH_OR_HUB_ID); `PATH_OR_HUB_ID` -> (None, it): the name defaults later.
+
+    An existing path containing "=" is taken whole, so such directories still work without a name.
+    """
+    name, sep, path = spec.partition("=")
+    if not sep or Path(spec).expanduser().exists():
+        return None, spec
+    if not name or not path:
+        raise ConfigError(f"adapter {spec!r} must be PATH_OR_HUB_ID or NAME=PATH_OR_HUB_ID")
+    return name, path
 
 
 class InlineExecutor:

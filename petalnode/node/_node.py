@@ -20,7 +20,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +28,10 @@ import torch
 
 from petalnode import __version__
 from petalnode.compute import DEFAULT_CACHE_TOKENS_PER_BLOCK, ModelInfo, SessionManager, format_size, plan_blocks
-from petalnode.dht import Announcement, DHTNode, ServerState
+from petalnode.dht import MAX_ADAPTERS, Announcement, DHTNode, ServerState
 from petalnode.errors import ClosedResourceError, ConfigError, DHTError, InvalidStateError, OutOfCacheMemoryError
 from petalnode.identity import Identity, PeerAddress
-from petalnode.node._backend import ComputeBackend, TorchBackend
+from petalnode.node._backend import ComputeBackend, TorchBackend, split_adapter_spec
 from petalnode.node._block_server import BlockServer, HostedSpan
 from petalnode.node._placement import choose_blocks, should_move
 from petalnode.node._signaling import NatOptions, Signaling
@@ -69,6 +69,9 @@ class ServeOptions:
         join_jitter_s: upper bound of the random wait between announcing JOINING and re-checking placement.
         rebalance_period_s: how often (on average) to re-check placement; None disables moving.
         drain_timeout_s: on leave or move, how long in-flight steps may take to finish before the cut.
+        adapters: LoRA adapters to serve, each `PATH_OR_HUB_ID` or `NAME=PATH_OR_HUB_ID` (PEFT format,
+            safetensors; hub ids only from the local cache); loaded for the hosted blocks, reloaded on a move,
+            and announced by name.
     """
 
     model: str | None = None
@@ -84,6 +87,7 @@ class ServeOptions:
     rebalance_period_s: float | None = 120.0
     drain_timeout_s: float = 10.0
     seed: int | None = None
+    adapters: tuple[str, ...] = ()
 
 
 class Node:
@@ -244,6 +248,7 @@ class Node:
         self.model_info = info
         model = info.source.name
         device, dtype = compute.choose(options.device, options.dtype)
+        _check_adapter_specs(options.adapters, compute)
         count, cache_bytes = _plan(info, options, dtype)
         start, end = await self._choose_window(info, options, count, rng)
         announce = self._announcement_factory(model)
@@ -291,6 +296,12 @@ class Node:
             return compute.load_span(info, start, end, dtype=dtype, device=device, progress=tick)
 
         span = await compute.offload(load)
+        adapters: frozenset[str] = frozenset()
+        if options.adapters:
+            load_adapters = compute.load_adapters  # type: ignore[attr-defined]  # optional backend method
+            adapters = await compute.offload(lambda: load_adapters(info, span, options.adapters, start, end,
+                                                                   dtype=dtype, device=device))
+            log.info("LoRA adapters on blocks %d:%d: %s", start, end, ", ".join(sorted(adapters)))
         self.reloads += 1
         throughput = await compute.offload(lambda: compute.throughput(info, span, dtype, device))
         sessions = SessionManager(
@@ -299,7 +310,7 @@ class Node:
             clock=asyncio.get_running_loop().time,
         )
         hosted = HostedSpan(model=info.source.name, start=start, end=end, span=span, hidden_size=info.hidden_size,
-                            dtype=dtype, throughput=throughput)
+                            dtype=dtype, throughput=throughput, adapters=adapters)
         return hosted, sessions
 
     async def _announce_online(self, hosted: HostedSpan, sessions: SessionManager) -> None:
@@ -308,7 +319,8 @@ class Node:
         keys = _keys(hosted.model, hosted.start, hosted.end)
 
         def current() -> bytes:
-            return announce(ServerState.ONLINE, hosted.start, hosted.end, hosted.throughput, sessions.free_tokens)
+            return announce(ServerState.ONLINE, hosted.start, hosted.end, hosted.throughput, sessions.free_tokens,
+                            hosted.adapters)
 
         await self.dht.store_many(keys, current())
         if self._refresh is not None:
@@ -354,7 +366,7 @@ class Node:
             # Readers ignore an announcement found under blocks outside its range, so restating the new one
             # under the old keys takes us off those blocks at once (those records then expire unrefreshed).
             await self.dht.store_many(left, announce(ServerState.ONLINE, start, end, hosted.throughput,
-                                                     sessions.free_tokens))
+                                                     sessions.free_tokens, hosted.adapters))
         # Old sessions are handed back at their next step; any still idle expire with the old manager.
         self._spawn(self._retire(old_sessions))
 
@@ -371,15 +383,16 @@ class Node:
         view = await fetch_swarm(self.dht, info.source.name, info.num_blocks)
         return choose_blocks(view, count, own_peer_id=self.identity.peer_id, rng=rng)
 
-    def _announcement_factory(self, model: str) -> Callable[[ServerState, int, int, float, int], bytes]:
+    def _announcement_factory(self, model: str) -> Callable[..., bytes]:
         options = self.serve_options
         address = str(self.address)
 
-        def announce(state: ServerState, start: int, end: int, throughput: float, cache_tokens: int) -> bytes:
+        def announce(state: ServerState, start: int, end: int, throughput: float, cache_tokens: int,
+                     adapters: Collection[str] = ()) -> bytes:
             return Announcement(
                 state=state, model=model, start_block=start, end_block=end, throughput=float(throughput),
                 cache_tokens_left=int(cache_tokens), addresses=(address,), version=__version__,
-                public_name=options.public_name if options else None,
+                public_name=options.public_name if options else None, adapters=tuple(sorted(adapters)),
             ).to_bytes()
 
         return announce
@@ -440,6 +453,20 @@ def _keys(model: str, start: int, end: int) -> list[str]:
     from petalnode.dht import block_key
 
     return [block_key(model, block) for block in range(start, end)]
+
+
+def _check_adapter_specs(specs: tuple[str, ...], compute: ComputeBackend) -> None:
+    """Fail before announcing anything if the adapter list cannot be served at all (files are checked at load)."""
+    if isinstance(specs, str):
+        raise ConfigError(f"adapters must be a tuple of PATH_OR_HUB_ID / NAME=PATH_OR_HUB_ID, not the string {specs!r}")
+    if not specs:
+        return
+    if len(specs) > MAX_ADAPTERS:
+        raise ConfigError(f"at most {MAX_ADAPTERS} adapters per server (they are announced), got {len(specs)}")
+    if not hasattr(compute, "load_adapters"):
+        raise ConfigError(f"the compute backend {type(compute).__name__} cannot load LoRA adapters")
+    for spec in specs:
+        split_adapter_spec(spec)
 
 
 def _plan(info: ModelInfo, options: ServeOptions, dtype: torch.dtype) -> tuple[int, int]:
