@@ -10,6 +10,7 @@ import pytest
 import petalnode.dht
 from petalnode.dht import MAX_VALUE_BYTES, Announcement, Record, ServerState, block_key, dht_key
 from petalnode.dht._protocol import PAGE_BUDGET_BYTES, batch_records
+from petalnode.dht._record import _verified
 from petalnode.dht._storage import RecordStorage
 from petalnode.dht._wire import MAX_BODY_BYTES, pack_body
 from petalnode.errors import CodecError, DHTError, InvalidRecordError
@@ -136,6 +137,21 @@ def test_storage_bounds_writers_per_key() -> None:
         storage.put(Record.create(writers[3], key=KEY, value=b"", expires_at=NOW + 5, seq=1))
     storage.put(Record.create(writers[3], key=KEY, value=b"", expires_at=NOW + 50, seq=1))
     assert {r.peer_id for r in storage.records(KEY)} == {w.peer_id for w in writers[1:]}
+
+
+def test_a_signature_is_verified_once_and_a_changed_record_again() -> None:
+    record = Record.create(ALICE, key=dht_key("cache-test"), value=b"fresh", expires_at=NOW + 10, seq=1)
+    before = _verified.verifications
+    for _ in range(3):
+        Record.from_wire(record.to_wire()).verify(NOW)
+    assert _verified.verifications == before + 1
+    with pytest.raises(InvalidRecordError, match="bad signature"):  # same signature, other value: checked, refused
+        dataclasses.replace(record, value=b"forged").verify(NOW)
+    with pytest.raises(InvalidRecordError, match="bad signature"):  # a refusal is not remembered as a success
+        dataclasses.replace(record, value=b"forged").verify(NOW)
+    with pytest.raises(InvalidRecordError, match="expired"):  # expiry is checked even for a remembered signature
+        record.verify(NOW + 11)
+    assert _verified.verifications == before + 3
 
 
 def test_pages_cover_all_writers_and_fit_datagrams() -> None:
