@@ -156,3 +156,19 @@ async def test_thirty_plus_writers_on_one_key_are_all_returned_through_pages() -
     finally:
         for n in [*nodes, *writers]:
             await n.aclose()
+
+
+def test_lookup_heap_keeps_one_entry_per_node_and_a_removed_node_out() -> None:
+    from petalnode.dht._crawling import _IndexedNodeHeap
+
+    def node(i: int) -> Node:
+        return Node(bytes([i]) + bytes(19), "h", 1)
+
+    heap = _IndexedNodeHeap(Node(bytes(20)), 3)
+    heap.push([node(4), node(1), node(4), node(2)])
+    heap.push(node(1))
+    assert [n.id[0] for n in heap] == [1, 2, 4] and len(heap.heap) == 3
+    assert node(2) in heap and node(9) not in heap
+    heap.remove([node(1).id])
+    heap.push([node(1), node(3)])  # another contact lists the dead node again: it stays out
+    assert [n.id[0] for n in heap] == [2, 3, 4] and node(1) not in heap
