@@ -28,7 +28,7 @@ import torch
 
 from petalnode import __version__
 from petalnode.compute import DEFAULT_CACHE_TOKENS_PER_BLOCK, ModelInfo, SessionManager, format_size, plan_blocks
-from petalnode.dht import Announcement, DHTNode, ServerState
+from petalnode.dht import Announcement, DHTNode, ServerState, block_keys
 from petalnode.errors import ClosedResourceError, ConfigError, DHTError, InvalidStateError, OutOfCacheMemoryError
 from petalnode.identity import Identity, PeerAddress
 from petalnode.node._backend import ComputeBackend, TorchBackend
@@ -437,9 +437,7 @@ class Node:
 
 
 def _keys(model: str, start: int, end: int) -> list[str]:
-    from petalnode.dht import block_key
-
-    return [block_key(model, block) for block in range(start, end)]
+    return block_keys(model, start, end)
 
 
 def _plan(info: ModelInfo, options: ServeOptions, dtype: torch.dtype) -> tuple[int, int]:
