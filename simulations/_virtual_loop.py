@@ -14,11 +14,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import selectors
-import types
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -86,22 +84,3 @@ def run(coro: Coroutine[Any, Any, T], *, epoch_s: float = DEFAULT_EPOCH_S) -> T:
     """Run `coro` to completion in a fresh virtual-time loop (like `asyncio.run`)."""
     with asyncio.Runner(loop_factory=lambda: VirtualTimeLoop(epoch_s)) as runner:
         return runner.run(coro)
-
-
-@contextlib.contextmanager
-def kademlia_on_loop_clock(loop: asyncio.AbstractEventLoop) -> Iterator[None]:
-    """Make kademlia's routing table read the loop's clock instead of `time.monotonic`.
-
-    `kademlia.routing.KBucket` stamps `last_updated` with `time.monotonic()` and `lonely_buckets()` compares it
-    with an hour ago; under virtual time real seconds barely pass, so no bucket would ever be refreshed. This
-    swaps the module's `time` for one whose `monotonic` is the loop clock, for the duration of a simulation.
-    """
-    import kademlia.routing
-
-    original = kademlia.routing.time
-    shim = types.SimpleNamespace(monotonic=loop.time, time=loop.time)
-    kademlia.routing.time = shim  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        kademlia.routing.time = original

@@ -53,7 +53,7 @@ from simulations._standin import (
     prompt_hidden,
     reference_generation,
 )
-from simulations._virtual_loop import VirtualTimeLoop, kademlia_on_loop_clock, run
+from simulations._virtual_loop import VirtualTimeLoop, run
 
 log = logging.getLogger("simulations.churn")
 
@@ -176,31 +176,30 @@ class ChurnSimulation:
         real_start = time.perf_counter()
         s = self.scenario
         try:
-            with kademlia_on_loop_clock(loop):
-                await self._start_bootstrap()
-                if s.progress_every_s > 0:
-                    self._spawn(self._progress(real_start))
-                for i in range(s.servers):
-                    self._spawn_server(delay_s=self.rng.uniform(0, s.warmup_s / 2), stable=i < s.stable_servers)
-                await asyncio.sleep(s.warmup_s)
-                self._update_coverage()
-                self.coverage.begin(loop.time())
-                self.end_time = loop.time() + s.duration_s
-                self._spawn(self._coverage_ticks())
-                if s.partitions_per_hour > 0:
-                    self._spawn(self._partitions())
-                clients = [self._spawn(self._run_client(i)) for i in range(s.clients)]
-                if s.clients and s.dht_probe_period_s > 0:
-                    self._spawn(self._probe_lookups())
-                await asyncio.sleep(s.duration_s)
-                self._stopping = True
-                self._stop.set()
-                # In-flight generations finish (each is bounded); clients start no new ones.
-                await asyncio.gather(*clients, return_exceptions=True)
-                ended = loop.time()
-                self._update_coverage()
-                result = self._summary(ended, real_start)
-                await self._shutdown()
+            await self._start_bootstrap()
+            if s.progress_every_s > 0:
+                self._spawn(self._progress(real_start))
+            for i in range(s.servers):
+                self._spawn_server(delay_s=self.rng.uniform(0, s.warmup_s / 2), stable=i < s.stable_servers)
+            await asyncio.sleep(s.warmup_s)
+            self._update_coverage()
+            self.coverage.begin(loop.time())
+            self.end_time = loop.time() + s.duration_s
+            self._spawn(self._coverage_ticks())
+            if s.partitions_per_hour > 0:
+                self._spawn(self._partitions())
+            clients = [self._spawn(self._run_client(i)) for i in range(s.clients)]
+            if s.clients and s.dht_probe_period_s > 0:
+                self._spawn(self._probe_lookups())
+            await asyncio.sleep(s.duration_s)
+            self._stopping = True
+            self._stop.set()
+            # In-flight generations finish (each is bounded); clients start no new ones.
+            await asyncio.gather(*clients, return_exceptions=True)
+            ended = loop.time()
+            self._update_coverage()
+            result = self._summary(ended, real_start)
+            await self._shutdown()
         finally:
             logging.getLogger("petalnode").removeHandler(counter)
         result["real_seconds"] = round(time.perf_counter() - real_start, 2)

@@ -8,7 +8,7 @@ import pytest
 from kademlia.node import Node
 
 from petalnode.dht import DHTNode, dht_key
-from petalnode.dht._routing import HEAD_CHECK_INTERVAL_S, DecidingRoutingTable
+from petalnode.dht._routing import HEAD_CHECK_INTERVAL_S, LONELY_AFTER_S, DecidingRoutingTable
 from petalnode.errors import ClosedResourceError, ConfigError, InvalidStateError
 from petalnode.identity import Identity
 from petalnode.transport import MemoryNetwork
@@ -95,6 +95,21 @@ def test_full_bucket_pings_its_head_once_per_interval() -> None:
     # Evicting the silent head promotes the waiting replacement (paper section 4.1).
     table.remove_contact(head)
     assert far(0b0001).id in {n.id for n in table.contacts()}
+
+
+def test_bucket_idleness_follows_the_injected_clock_not_time_monotonic() -> None:
+    now = [1000.0]
+    table = DecidingRoutingTable(None, 2, Node(bytes(20)), clock=lambda: now[0])
+    assert table.lonely_buckets() == []
+    now[0] += LONELY_AFTER_S + 1  # only the injected clock moved
+    assert table.lonely_buckets() == table.buckets
+    table.find_neighbors(Node(bytes([0x80]) + bytes(19)))  # a lookup touches the bucket in its range
+    assert table.lonely_buckets() == []
+    for i in range(3):  # a third contact near our own id splits the bucket: the halves are stamped by the clock
+        table.add_contact(Node(bytes([0x01, i]) + bytes(18)))
+    assert len(table.buckets) > 1 and all(b.last_updated == now[0] for b in table.buckets)
+    now[0] += LONELY_AFTER_S + 1
+    assert len(table.lonely_buckets()) == len(table.buckets)
 
 
 async def test_client_mode_is_in_no_routing_table_and_serves_nothing() -> None:
