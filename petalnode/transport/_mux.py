@@ -264,6 +264,7 @@ class MuxConnection:
         self._closed_event = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._last_rx = asyncio.get_running_loop().time()
+        self.pings_sent = 0  # keepalive probes written (diagnostics and tests)
 
     def start(self) -> None:
         if self._tasks:
@@ -433,8 +434,14 @@ class MuxConnection:
                 self._close(ConnectionClosedError(f"peer {self._remote_peer_id} silent for {silent_s:.1f} s"))
                 await self._channel.aclose()
                 return
-            counter += 1
-            self._write_quiet(frames.encode_ping(FrameKind.PING, counter))
+            # Anything received within the last interval already shows the peer is alive: probe only a quiet
+            # connection. On an idle one the first side to probe refreshes the other, so about one PING/PONG
+            # pair per interval crosses it instead of two, and a busy one carries none; the silence bound
+            # (keepalive_timeout_s, checked every interval) is unchanged.
+            if silent_s >= interval:
+                counter += 1
+                self.pings_sent += 1
+                self._write_quiet(frames.encode_ping(FrameKind.PING, counter))
 
     # ---- closing --------------------------------------------------------------------------------------------
 

@@ -243,6 +243,25 @@ async def test_partition_stalls_then_keepalive_drops_connection() -> None:
             await stream.receive()
 
 
+async def test_keepalive_probes_only_quiet_connections() -> None:
+    config = ConnectionConfig(keepalive_interval_s=0.2, keepalive_timeout_s=1.0)
+    net = MemoryNetwork(LinkConfig(latency_s=0.001))
+    a, b, server, listener = await make_pair(net, config)
+    async with a, b:
+        conn = await a.dial(listener.address)
+        stream = await conn.open_stream()
+        for _ in range(30):  # busy both ways (echo) ten times per interval for 3 intervals: no probes at all
+            await stream.send(b"x")
+            assert await stream.receive() == b"x"
+            await asyncio.sleep(0.02)
+        remote = server.connections[0]
+        assert conn.pings_sent == 0 and remote.pings_sent == 0  # type: ignore[attr-defined]
+        await asyncio.sleep(2.0)  # idle for 10 intervals: one side's probe keeps both sides content
+        pings = conn.pings_sent + remote.pings_sent  # type: ignore[attr-defined]
+        assert 4 <= pings <= 12, pings  # two per interval (20) without the quiet check
+        assert not conn.closed and not remote.closed
+
+
 async def test_remote_protocol_violation_closes_only_that_connection() -> None:
     net = MemoryNetwork()
     a, b, server, listener = await make_pair(net)
