@@ -9,6 +9,7 @@ import pytest
 
 from petalnode.errors import (
     ClosedResourceError,
+    ConfigError,
     ConnectionClosedError,
     ConnectTimeoutError,
     LocalProtocolError,
@@ -260,6 +261,31 @@ async def test_keepalive_probes_only_quiet_connections() -> None:
         pings = conn.pings_sent + remote.pings_sent  # type: ignore[attr-defined]
         assert 4 <= pings <= 12, pings  # two per interval (20) without the quiet check
         assert not conn.closed and not remote.closed
+
+
+async def test_the_dialler_closes_a_connection_idle_for_idle_timeout() -> None:
+    config = ConnectionConfig(keepalive_interval_s=0.05, keepalive_timeout_s=1.0, idle_timeout_s=0.3)
+    net = MemoryNetwork()
+    a, b, server, listener = await make_pair(net, config)
+    async with a, b:
+        conn = await a.dial(listener.address)
+        stream = await conn.open_stream()
+        await stream.send(b"ab")
+        assert await stream.receive() == b"ba"
+        await asyncio.sleep(0.6)  # a stream is open (a session between steps): never idle
+        assert not conn.closed
+        await stream.send_eof()
+        with pytest.raises(EndOfStreamError):
+            await stream.receive()
+        await asyncio.sleep(0.15)
+        assert not conn.closed  # idle, but not for long yet
+        async with asyncio.timeout(1):
+            await conn.wait_closed()  # closed by its dialler...
+            await server.connections[0].wait_closed()  # ...which the other side sees at once
+        again = await a.dial(listener.address)  # a new call simply dials again
+        assert not again.closed
+    with pytest.raises(ConfigError):
+        ConnectionConfig(keepalive_interval_s=None, idle_timeout_s=1.0)
 
 
 async def test_remote_protocol_violation_closes_only_that_connection() -> None:
