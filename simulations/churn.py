@@ -37,7 +37,7 @@ from petalnode.dht import ServerState
 from petalnode.errors import PetalnodeError
 from petalnode.identity import Identity, PeerId
 from petalnode.node import Node, ServeOptions, SwarmClient
-from petalnode.transport import LinkConfig, MemoryNetwork
+from petalnode.transport import ConnectionConfig, LinkConfig, MemoryNetwork
 from simulations._metrics import (
     CoverageTracker,
     GenerationRecord,
@@ -100,6 +100,9 @@ class Scenario:
     progress_every_s: float = 0.0  # > 0: print a progress line to stderr this often (virtual seconds)
     dht_ksize: int | None = None  # Kademlia k (replication and bucket size); None: the DHT's default (20)
     rebalance_period_s: float | None = 120.0  # None: servers never move
+    # A dialler closes a connection with no open stream after this long (ConnectionConfig.idle_timeout_s); None
+    # keeps them (a client then ends up with a connection, and keepalive traffic, to every server it ever probed).
+    connection_idle_s: float | None = 60.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -223,8 +226,9 @@ class ChurnSimulation:
             dht_options["rpc_timeout_s"] = self.scenario.dht_rpc_timeout_s
         if self.scenario.dht_ksize is not None:
             dht_options["ksize"] = self.scenario.dht_ksize
+        config = ConnectionConfig(idle_timeout_s=self.scenario.connection_idle_s)
         return {
-            "transport": self.network.transport(identity, host),
+            "transport": self.network.transport(identity, host, config=config),
             "endpoint_factory": self.network.create_datagram_endpoint,
             "wall_clock": self.loop.wall_clock,
             "dht_options": dht_options,
@@ -567,6 +571,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, argparse.Namesp
     p.add_argument("--dht-probe-period-s", type=float, default=d.dht_probe_period_s)
     p.add_argument("--dht-ksize", type=int, default=None, help="Kademlia k (default: the DHT's, 20)")
     p.add_argument("--rebalance-period-s", type=float, default=d.rebalance_period_s, help="0 = servers never move")
+    p.add_argument("--connection-idle-s", type=float, default=d.connection_idle_s,
+                   help="close connections without streams after this long (0 = never)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--progress-every-s", type=float, default=0.0, help="virtual seconds between progress lines")
     p.add_argument("--log-level", default="error", help="log level of the node code (warnings are counted anyway)")
@@ -580,7 +586,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, argparse.Namesp
         new_tokens=a.new_tokens, mean_think_s=a.think_s, record_ttl_s=a.record_ttl_s,
         step_timeout_s=a.step_timeout_s, wait_for_blocks_s=a.wait_for_blocks_s,
         load_s_per_block=a.load_s_per_block, dht_probe_period_s=a.dht_probe_period_s, dht_ksize=a.dht_ksize,
-        rebalance_period_s=a.rebalance_period_s or None, progress_every_s=a.progress_every_s, seed=a.seed,
+        rebalance_period_s=a.rebalance_period_s or None, connection_idle_s=a.connection_idle_s or None,
+        progress_every_s=a.progress_every_s, seed=a.seed,
     )
     return scenario, a
 
