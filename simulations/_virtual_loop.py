@@ -5,8 +5,8 @@
 #   to wait `timeout` seconds for the next timer, and instead of sleeping it advances the clock by exactly that
 #   and reports no I/O. Everything built on `call_at` / `call_later` (asyncio.sleep, asyncio.timeout, wait_for)
 #   therefore fires in virtual time, in the same order it would in real time.
-# - Real file descriptors are still polled (without blocking), so the loop's self-pipe keeps working; the
-#   simulator itself does no real I/O (the memory network only uses loop timers).
+# - Real file descriptors are still polled (without blocking) whenever the loop would wait, so the loop's
+#   self-pipe keeps working; the simulator itself does no real I/O (the memory network only uses loop timers).
 # - A loop with nothing ready and no timer would sleep forever in real time: here, after a short real wait for
 #   a thread to call back (executor jobs), that is a deadlock and raises `VirtualDeadlockError` instead of
 #   hanging the process. Virtual time does not wait for threads while timers are pending.
@@ -49,8 +49,13 @@ class _VirtualSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-ty
         self._clock = clock
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if timeout == 0:
+            # Callbacks are ready: run them first. Descriptors (only the self-pipe, woken by threads) are polled
+            # whenever the loop would wait, which in a busy simulation is every few iterations; polling on each
+            # of the hundreds of thousands of iterations cost ~3% of a run.
+            return []
         events = super().select(0)
-        if events or timeout == 0:
+        if events:
             return events
         if timeout is None:
             # Only a thread (an executor job finishing) can still wake the loop: give it real time, then give up.

@@ -94,3 +94,16 @@ def test_dht_buckets_age_and_get_refreshed_in_virtual_time() -> None:
     stamps, now = run(main())
     assert all(0 <= s <= now for s in stamps), stamps  # stamped by the virtual clock
     assert all(s >= LONELY_AFTER_S for s in stamps), stamps  # every bucket was refreshed after it grew lonely
+
+
+def test_a_thread_can_still_wake_the_loop() -> None:
+    async def main() -> int:
+        ticker = asyncio.get_running_loop().create_task(asyncio.sleep(10_000))  # a pending timer, never due
+        try:
+            return await asyncio.to_thread(lambda: (time.sleep(0.05), 42)[1])  # wakes the loop through its self-pipe
+        finally:
+            ticker.cancel()
+
+    started = time.perf_counter()
+    assert run(main()) == 42
+    assert time.perf_counter() - started < 1.0
