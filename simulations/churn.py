@@ -98,6 +98,9 @@ class Scenario:
     dht_probe_period_s: float = 60.0
     dht_rpc_timeout_s: float | None = None  # None: the DHT's default
     progress_every_s: float = 0.0  # > 0: print a progress line to stderr this often (virtual seconds)
+    # Real seconds after which the measured phase ends early (metrics then cover the virtual time reached); None:
+    # run the whole duration. For big runs whose cost is not known in advance.
+    real_time_limit_s: float | None = None
     dht_ksize: int | None = None  # Kademlia k (replication and bucket size); None: the DHT's default (20)
     rebalance_period_s: float | None = 120.0  # None: servers never move
     # A dialler closes a connection with no open stream after this long (ConnectionConfig.idle_timeout_s); None
@@ -165,6 +168,7 @@ class ChurnSimulation:
         self._bootstrap: Node | None = None
         self._stopping = False
         self._stop = asyncio.Event()
+        self.stopped_early = False
         self.loop: VirtualTimeLoop
 
     # -- driving ----------------------------------------------------------------------------------------------
@@ -194,7 +198,7 @@ class ChurnSimulation:
             clients = [self._spawn(self._run_client(i)) for i in range(s.clients)]
             if s.clients and s.dht_probe_period_s > 0:
                 self._spawn(self._probe_lookups())
-            await asyncio.sleep(s.duration_s)
+            await self._run_measured_phase(real_start)
             self._stopping = True
             self._stop.set()
             # In-flight generations finish (each is bounded); clients start no new ones.
@@ -206,8 +210,23 @@ class ChurnSimulation:
         finally:
             logging.getLogger("petalnode").removeHandler(counter)
         result["real_seconds"] = round(time.perf_counter() - real_start, 2)
-        result["virtual_seconds_per_real_second"] = round(s.duration_s / max(1e-9, result["real_seconds"]), 1)
+        result["virtual_seconds_per_real_second"] = round(
+            (s.warmup_s + result["virtual_seconds"]) / max(1e-9, result["real_seconds"]), 2)
         return result
+
+    async def _run_measured_phase(self, real_start: float) -> None:
+        s = self.scenario
+        end = self.loop.time() + s.duration_s
+        if s.real_time_limit_s is None:
+            await asyncio.sleep(s.duration_s)
+            return
+        while self.loop.time() < end:
+            await asyncio.sleep(min(10.0, end - self.loop.time()))
+            if time.perf_counter() - real_start > s.real_time_limit_s:
+                self.stopped_early = True
+                log.warning("real-time limit of %.0f s reached at virtual %.0f s: ending the run early",
+                            s.real_time_limit_s, self.loop.time())
+                return
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -512,6 +531,7 @@ class ChurnSimulation:
             "event_loop_errors": dict(self.loop_errors.most_common(10)),
             "node_warnings": dict(self.warnings.most_common(12)),
             "virtual_seconds": round(ended - (self.coverage.start or 0.0), 1),
+            "stopped_early_by_real_time_limit": self.stopped_early,
         }
 
 
@@ -575,6 +595,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, argparse.Namesp
                    help="close connections without streams after this long (0 = never)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--progress-every-s", type=float, default=0.0, help="virtual seconds between progress lines")
+    p.add_argument("--real-time-limit-s", type=float, default=None,
+                   help="end the measured phase early after this many real seconds (metrics cover what ran)")
     p.add_argument("--log-level", default="error", help="log level of the node code (warnings are counted anyway)")
     a = p.parse_args(argv)
     scenario = Scenario(
@@ -587,7 +609,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, argparse.Namesp
         step_timeout_s=a.step_timeout_s, wait_for_blocks_s=a.wait_for_blocks_s,
         load_s_per_block=a.load_s_per_block, dht_probe_period_s=a.dht_probe_period_s, dht_ksize=a.dht_ksize,
         rebalance_period_s=a.rebalance_period_s or None, connection_idle_s=a.connection_idle_s or None,
-        progress_every_s=a.progress_every_s, seed=a.seed,
+        progress_every_s=a.progress_every_s, real_time_limit_s=a.real_time_limit_s, seed=a.seed,
     )
     return scenario, a
 

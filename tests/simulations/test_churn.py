@@ -86,3 +86,12 @@ def test_a_scarce_swarm_fails_clearly_and_in_bounded_time_never_wrongly() -> Non
     assert gens["longest_s"] <= HANG_BOUND_S, gens
     assert gens["while_fully_covered_share_ok"] == 1.0, metrics["bad_generations_while_covered"]
     assert gens["completed"] >= 0.5 * gens["started"], gens
+
+
+def test_a_real_time_limit_ends_a_big_run_early_with_metrics() -> None:
+    scenario = Scenario(servers=4, clients=1, num_blocks=4, blocks_per_server=(2, 4), duration_s=3600.0,
+                        real_time_limit_s=1.0, seed=5)
+    metrics = run_scenario(scenario)
+    assert metrics["stopped_early_by_real_time_limit"] is True
+    assert 0 < metrics["virtual_seconds"] < 3600, metrics["virtual_seconds"]
+    assert metrics["generations"]["hung"] == 0
