@@ -324,6 +324,11 @@ class Node:
                 continue
             try:
                 view = await fetch_swarm(self.dht, hosted.model, self.model_info.num_blocks)
+                if self.identity.peer_id not in view.servers:
+                    # Our own announcement was not found (we are cut off, or our last store reached none of the
+                    # key's holders yet): there is nothing to weigh a move against; look again next period.
+                    log.info("rebalance check skipped: our own announcement is not in the swarm view")
+                    continue
                 twins = [s.peer_id for s in view.servers.values()
                          if (s.start, s.end) == (hosted.start, hosted.end) and s.state in SERVING_STATES]
                 if max(twins, default=self.identity.peer_id) > self.identity.peer_id:
