@@ -17,6 +17,7 @@ from typing import Any
 from kademlia.crawling import NodeSpiderCrawl, SpiderCrawl
 from kademlia.node import Node, NodeHeap
 
+from petalnode.dht._known import KnownRecords
 from petalnode.dht._record import Record
 from petalnode.errors import InvalidRecordError
 
@@ -138,8 +139,14 @@ class RecordSpiderCrawl(_AsyncAlphaMixin, SpiderCrawl):
         self.rejected = 0
 
     async def find(self) -> dict[bytes, Record]:
-        await self._crawl(self.protocol.call_find_value)
+        await self._crawl(self._find_value)
         return self.found
+
+    def _find_value(self, peer: Node, node: Node) -> Awaitable[tuple[bool, Any]]:
+        # Tell each holder what we already have (a fresh salt per request), so the k replicas of a key with many
+        # writers do not each send every record: the first answers fill `found`, later ones add only news.
+        known = KnownRecords.of((writer, record.seq) for writer, record in self.found.items())
+        return self.protocol.call_find_value(peer, node, known)
 
     def merge(self, records: list[Record]) -> None:
         for record in records:

@@ -11,7 +11,7 @@
 #   evicts the record that would expire first if the newcomer outlives it, a full node refuses new records.
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 
 from kademlia.storage import IStorage
 
@@ -96,9 +96,12 @@ class RecordStorage(IStorage):
         return [held[s] for s in sorted(held)] if held else []
 
     def page(
-        self, key: bytes, after: bytes | None, budget_bytes: int, max_records: int
+        self, key: bytes, after: bytes | None, budget_bytes: int, max_records: int,
+        skip: Container[tuple[bytes, int]] = (),
     ) -> tuple[list[Record], bytes | None]:
         """At most `max_records` records with writer id > `after`, wire sizes summing to <= `budget_bytes`.
+
+        Records whose (writer id, seq) is in `skip` (what the reader already has) are left out.
 
         Returns:
             The page and the cursor for the next one (the last writer id), or None when this was the last page.
@@ -108,6 +111,8 @@ class RecordStorage(IStorage):
         for record in self.records(key):
             subkey = record.peer_id.raw
             if after is not None and subkey <= after:
+                continue
+            if skip and (subkey, record.seq) in skip:
                 continue
             size = record.wire_size()
             if out and (used + size > budget_bytes or len(out) >= max_records):
