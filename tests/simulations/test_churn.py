@@ -14,10 +14,10 @@ import pytest
 
 from simulations.churn import Scenario, run_scenario
 
-# The DHT is the cost of a simulated swarm (every server re-announces each block every ttl/2, every lookup crawls),
-# so the CI scenario uses a small model (8 blocks), Kademlia k=8, a 180 s record ttl and a 300 s rebalancing
-# period; everything else is the node's defaults. Measured: about 260 s real on the shared 2-core machine when it
-# is otherwise quiet (470-550 s while other simulations ran); 630-700 generations, 5-13 reroutes per run.
+# The CI scenario uses a small model (8 blocks: one DHT key), Kademlia k=8, a 180 s record ttl and a 300 s
+# rebalancing period; everything else is the node's defaults. Measured on the shared 2-core machine: 83-91 s real
+# with one other busy process (it was about 260 s quiet before grouped DHT keys, the signature cache, quiet-only
+# keepalives and idle-connection closing); 650-670 generations, 10-15 reroutes per run.
 CI_SCENARIO = Scenario(
     servers=30,
     clients=10,
