@@ -4,15 +4,16 @@
 # - Hidden states are integers in [0, PRIME) stored in float32 (exact: PRIME < 2**24), so equality with the
 #   fault-free reference is exact, not approximate.
 # - Block b at position p maps x to f(x, b, p, h), where h is a running hash of every input block b has seen
-#   at positions [0, p] in this session. The hashes are the "KV cache" (one per position, shaped
-#   [batch, 1, seq, 1] like a transformers cache layer), so rolling back crops them. A skipped block, a
-#   missing or wrong replay, a wrong position or a reordered step all change every later output.
+#   at positions [0, p] in this session. The hashes are the "KV cache" (one per position; plain ints per batch
+#   row, shown as `keys` [batch, 1, seq, 1] like a transformers cache layer), so rolling back crops them. A
+#   skipped block, a missing or wrong replay, a wrong position or a reordered step all change every later output.
 # - Splitting a sequence into steps differently (prefill vs one token at a time, replay in one chunk) gives
 #   identical outputs: the hash advances one position at a time either way.
 # - No randomness and no clock: the backend's load delay is the only thing that takes (virtual) time.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,15 +42,33 @@ def _advance_hash(h: int, x: list[int], block: int, position: int) -> int:
     return acc % _HASH_MOD
 
 
+@functools.lru_cache(maxsize=4096)
+def _multipliers(block: int, width: int) -> tuple[int, ...]:
+    return tuple(_multiplier(block, i) for i in range(width))
+
+
 def _block_output(x: list[int], block: int, position: int, h: int) -> list[int]:
-    return [(v * _multiplier(block, i) + (h >> (5 * i)) + position * (i + 3) + block) % PRIME for i, v in enumerate(x)]
+    multipliers = _multipliers(block, len(x))
+    return [(v * m + (h >> (5 * i)) + position * (i + 3) + block) % PRIME
+            for i, (v, m) in enumerate(zip(x, multipliers, strict=True))]
 
 
 class _Layer:
-    """One block's cache: the running hash after each position, [batch, 1, seq, 1] int64."""
+    """One block's cache: the running hash after each position, as ints per batch row.
+
+    Plain lists, not tensors: the simulator steps thousands of sessions one token at a time, and building and
+    concatenating a small tensor per block per step cost more than the arithmetic.
+    """
 
     def __init__(self) -> None:
-        self.keys: torch.Tensor | None = None
+        self.hashes: list[list[int]] | None = None
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """The hashes as a transformers cache layer shows its keys: [batch, 1, seq, 1] int64."""
+        if self.hashes is None:
+            return None
+        return torch.tensor(self.hashes, dtype=torch.int64).reshape(len(self.hashes), 1, -1, 1)
 
 
 class StandInCache:
@@ -61,11 +80,11 @@ class StandInCache:
     def crop(self, max_length: int) -> None:
         """Like `DynamicCache.crop`: a negative value removes that many positions from the end."""
         for layer in self.layers:
-            if layer.keys is None:
+            if layer.hashes is None:
                 continue
-            seq = layer.keys.shape[2]
-            keep = seq + max_length if max_length < 0 else min(seq, max_length)
-            layer.keys = layer.keys[:, :, : max(0, keep)]
+            seq = len(layer.hashes[0]) if layer.hashes else 0
+            keep = max(0, seq + max_length if max_length < 0 else min(seq, max_length))
+            layer.hashes = [row[:keep] for row in layer.hashes]
 
 
 class StandInSpan(torch.nn.Module):
@@ -88,32 +107,46 @@ class StandInSpan(torch.nn.Module):
         return iter([torch.nn.Parameter(torch.zeros(1), requires_grad=False)])
 
     def forward_span(
-        self, hidden: torch.Tensor, cache: StandInCache | None, position_ids: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        cache: StandInCache | None,
+        position_ids: torch.Tensor,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """hidden [batch, n, H] of integer values -> [batch, n, H]; positions [1, n]; `cache` None = stateless."""
+        """hidden [batch, n, H] of integer values -> [batch, n, H]; positions [1, n]; `cache` None = stateless.
+
+        The stand-in has no deep prompts: it models inference traffic, and a prompt it silently ignored would
+        make a wrong result look right.
+        """
+        if prompts is not None:
+            raise ValueError("the stand-in model does not support deep prompts")
         positions = [int(p) for p in position_ids[0].tolist()]
         rows: list[list[list[int]]] = hidden.to(torch.int64).remainder(PRIME).tolist()
         cache = cache if cache is not None else self.new_cache()
         for local, layer in enumerate(cache.layers):
             block = self.start + local
-            new_hashes: list[list[int]] = []
-            for row_index, row in enumerate(rows):
-                h = int(layer.keys[row_index, 0, -1, 0]) if layer.keys is not None and layer.keys.shape[2] else 0
-                hashes = []
+            if layer.hashes is None:
+                layer.hashes = [[] for _ in rows]
+            if len(layer.hashes) != len(rows):
+                raise ValueError(f"batch of {len(rows)} for a cache of batch {len(layer.hashes)}")
+            for row, history in zip(rows, layer.hashes, strict=True):
+                h = history[-1] if history else 0
                 for t, x in enumerate(row):
                     h = _advance_hash(h, x, block, positions[t])
-                    hashes.append(h)
+                    history.append(h)
                     row[t] = _block_output(x, block, positions[t], h)
-                new_hashes.append(hashes)
-            added = torch.tensor(new_hashes, dtype=torch.int64)[:, None, :, None]
-            layer.keys = added if layer.keys is None else torch.cat([layer.keys, added], dim=2)
         return torch.tensor(rows, dtype=torch.float32)
 
 
 def embed(token: int, hidden_size: int) -> list[int]:
     """The stand-in embedding of a token: a fixed pseudo-random integer vector."""
+    return list(_embedding(token, hidden_size))
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _embedding(token: int, hidden_size: int) -> tuple[int, ...]:
     rng = random.Random(token * 2_654_435_761 + 12345)
-    return [rng.randrange(PRIME) for _ in range(hidden_size)]
+    return tuple(rng.randrange(PRIME) for _ in range(hidden_size))
 
 
 def next_token(last_output: torch.Tensor) -> int:

@@ -37,7 +37,7 @@ from petalnode.dht import ServerState
 from petalnode.errors import PetalnodeError
 from petalnode.identity import Identity, PeerId
 from petalnode.node import Node, ServeOptions, SwarmClient
-from petalnode.transport import LinkConfig, MemoryNetwork
+from petalnode.transport import ConnectionConfig, LinkConfig, MemoryNetwork
 from simulations._metrics import (
     CoverageTracker,
     GenerationRecord,
@@ -53,7 +53,7 @@ from simulations._standin import (
     prompt_hidden,
     reference_generation,
 )
-from simulations._virtual_loop import VirtualTimeLoop, kademlia_on_loop_clock, run
+from simulations._virtual_loop import VirtualTimeLoop, run
 
 log = logging.getLogger("simulations.churn")
 
@@ -98,8 +98,14 @@ class Scenario:
     dht_probe_period_s: float = 60.0
     dht_rpc_timeout_s: float | None = None  # None: the DHT's default
     progress_every_s: float = 0.0  # > 0: print a progress line to stderr this often (virtual seconds)
+    # Real seconds after which the measured phase ends early (metrics then cover the virtual time reached); None:
+    # run the whole duration. For big runs whose cost is not known in advance.
+    real_time_limit_s: float | None = None
     dht_ksize: int | None = None  # Kademlia k (replication and bucket size); None: the DHT's default (20)
     rebalance_period_s: float | None = 120.0  # None: servers never move
+    # A dialler closes a connection with no open stream after this long (ConnectionConfig.idle_timeout_s); None
+    # keeps them (a client then ends up with a connection, and keepalive traffic, to every server it ever probed).
+    connection_idle_s: float | None = 60.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -162,6 +168,7 @@ class ChurnSimulation:
         self._bootstrap: Node | None = None
         self._stopping = False
         self._stop = asyncio.Event()
+        self.stopped_early = False
         self.loop: VirtualTimeLoop
 
     # -- driving ----------------------------------------------------------------------------------------------
@@ -176,36 +183,50 @@ class ChurnSimulation:
         real_start = time.perf_counter()
         s = self.scenario
         try:
-            with kademlia_on_loop_clock(loop):
-                await self._start_bootstrap()
-                if s.progress_every_s > 0:
-                    self._spawn(self._progress(real_start))
-                for i in range(s.servers):
-                    self._spawn_server(delay_s=self.rng.uniform(0, s.warmup_s / 2), stable=i < s.stable_servers)
-                await asyncio.sleep(s.warmup_s)
-                self._update_coverage()
-                self.coverage.begin(loop.time())
-                self.end_time = loop.time() + s.duration_s
-                self._spawn(self._coverage_ticks())
-                if s.partitions_per_hour > 0:
-                    self._spawn(self._partitions())
-                clients = [self._spawn(self._run_client(i)) for i in range(s.clients)]
-                if s.clients and s.dht_probe_period_s > 0:
-                    self._spawn(self._probe_lookups())
-                await asyncio.sleep(s.duration_s)
-                self._stopping = True
-                self._stop.set()
-                # In-flight generations finish (each is bounded); clients start no new ones.
-                await asyncio.gather(*clients, return_exceptions=True)
-                ended = loop.time()
-                self._update_coverage()
-                result = self._summary(ended, real_start)
-                await self._shutdown()
+            await self._start_bootstrap()
+            if s.progress_every_s > 0:
+                self._spawn(self._progress(real_start))
+            for i in range(s.servers):
+                self._spawn_server(delay_s=self.rng.uniform(0, s.warmup_s / 2), stable=i < s.stable_servers)
+            await asyncio.sleep(s.warmup_s)
+            self._update_coverage()
+            self.coverage.begin(loop.time())
+            self.end_time = loop.time() + s.duration_s
+            self._spawn(self._coverage_ticks())
+            if s.partitions_per_hour > 0:
+                self._spawn(self._partitions())
+            clients = [self._spawn(self._run_client(i)) for i in range(s.clients)]
+            if s.clients and s.dht_probe_period_s > 0:
+                self._spawn(self._probe_lookups())
+            await self._run_measured_phase(real_start)
+            self._stopping = True
+            self._stop.set()
+            # In-flight generations finish (each is bounded); clients start no new ones.
+            await asyncio.gather(*clients, return_exceptions=True)
+            ended = loop.time()
+            self._update_coverage()
+            result = self._summary(ended, real_start)
+            await self._shutdown()
         finally:
             logging.getLogger("petalnode").removeHandler(counter)
         result["real_seconds"] = round(time.perf_counter() - real_start, 2)
-        result["virtual_seconds_per_real_second"] = round(s.duration_s / max(1e-9, result["real_seconds"]), 1)
+        result["virtual_seconds_per_real_second"] = round(
+            (s.warmup_s + result["virtual_seconds"]) / max(1e-9, result["real_seconds"]), 2)
         return result
+
+    async def _run_measured_phase(self, real_start: float) -> None:
+        s = self.scenario
+        end = self.loop.time() + s.duration_s
+        if s.real_time_limit_s is None:
+            await asyncio.sleep(s.duration_s)
+            return
+        while self.loop.time() < end:
+            await asyncio.sleep(min(10.0, end - self.loop.time()))
+            if time.perf_counter() - real_start > s.real_time_limit_s:
+                self.stopped_early = True
+                log.warning("real-time limit of %.0f s reached at virtual %.0f s: ending the run early",
+                            s.real_time_limit_s, self.loop.time())
+                return
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -224,8 +245,9 @@ class ChurnSimulation:
             dht_options["rpc_timeout_s"] = self.scenario.dht_rpc_timeout_s
         if self.scenario.dht_ksize is not None:
             dht_options["ksize"] = self.scenario.dht_ksize
+        config = ConnectionConfig(idle_timeout_s=self.scenario.connection_idle_s)
         return {
-            "transport": self.network.transport(identity, host),
+            "transport": self.network.transport(identity, host, config=config),
             "endpoint_factory": self.network.create_datagram_endpoint,
             "wall_clock": self.loop.wall_clock,
             "dht_options": dht_options,
@@ -509,6 +531,7 @@ class ChurnSimulation:
             "event_loop_errors": dict(self.loop_errors.most_common(10)),
             "node_warnings": dict(self.warnings.most_common(12)),
             "virtual_seconds": round(ended - (self.coverage.start or 0.0), 1),
+            "stopped_early_by_real_time_limit": self.stopped_early,
         }
 
 
@@ -568,8 +591,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, argparse.Namesp
     p.add_argument("--dht-probe-period-s", type=float, default=d.dht_probe_period_s)
     p.add_argument("--dht-ksize", type=int, default=None, help="Kademlia k (default: the DHT's, 20)")
     p.add_argument("--rebalance-period-s", type=float, default=d.rebalance_period_s, help="0 = servers never move")
+    p.add_argument("--connection-idle-s", type=float, default=d.connection_idle_s,
+                   help="close connections without streams after this long (0 = never)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--progress-every-s", type=float, default=0.0, help="virtual seconds between progress lines")
+    p.add_argument("--real-time-limit-s", type=float, default=None,
+                   help="end the measured phase early after this many real seconds (metrics cover what ran)")
     p.add_argument("--log-level", default="error", help="log level of the node code (warnings are counted anyway)")
     a = p.parse_args(argv)
     scenario = Scenario(
@@ -581,7 +608,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, argparse.Namesp
         new_tokens=a.new_tokens, mean_think_s=a.think_s, record_ttl_s=a.record_ttl_s,
         step_timeout_s=a.step_timeout_s, wait_for_blocks_s=a.wait_for_blocks_s,
         load_s_per_block=a.load_s_per_block, dht_probe_period_s=a.dht_probe_period_s, dht_ksize=a.dht_ksize,
-        rebalance_period_s=a.rebalance_period_s or None, progress_every_s=a.progress_every_s, seed=a.seed,
+        rebalance_period_s=a.rebalance_period_s or None, connection_idle_s=a.connection_idle_s or None,
+        progress_every_s=a.progress_every_s, real_time_limit_s=a.real_time_limit_s, seed=a.seed,
     )
     return scenario, a
 

@@ -1,6 +1,12 @@
-# What a server announces under each block key `{model}.{block}` it hosts (Petals' ServerInfo, signed).
+# What a server announces under the keys of the blocks it hosts (Petals' ServerInfo, signed), and those keys.
 #
 # Invariants:
+# - Blocks are announced in groups of BLOCKS_PER_KEY consecutive blocks: one key `{model}.{first}:{end}` per
+#   group (Petals uses one key per block). A server writes one record per group its range overlaps, and a
+#   reader does one lookup per group of the model, so a swarm view of an 80-block model is 10 lookups, not 80,
+#   and a refresh of a 20-block span is 3-4 stores, not 20. The announcement inside says which blocks of the
+#   group the server really hosts; readers drop it where its range misses the group it was found under.
+# - The group size is part of the key text, so peers that group differently never misread each other's keys.
 # - Wire form is a msgpack map with one-letter string keys; keys we do not know (a newer version's fields)
 #   are ignored, keys we require must be present with the right type and range.
 # - The encoded announcement always fits a DHT record value (MAX_VALUE_BYTES), checked at encode time.
@@ -35,9 +41,30 @@ class ServerState(enum.IntEnum):
     ONLINE = 2
 
 
+# Servers host spans of about 4-40 blocks and models have 24-80, so 8 blocks per key makes a swarm view a handful
+# of lookups and a refresh one to five stores; a key then holds the servers of 8 blocks (see the storage caps).
+BLOCKS_PER_KEY = 8
+
+
 def block_key(model: str, block: int) -> str:
-    """The DHT key of one block of a model, as in Petals: `{model}.{block}`."""
-    return f"{model}.{block}"
+    """The DHT key under which servers hosting `block` announce: that of its group, `{model}.{first}:{end}`."""
+    if type(block) is not int or block < 0:
+        raise ValueError(f"a block index is a non-negative int, got {block!r}")
+    first = block - block % BLOCKS_PER_KEY
+    return f"{model}.{first}:{first + BLOCKS_PER_KEY}"
+
+
+def block_keys(model: str, start: int, end: int) -> list[str]:
+    """The keys a server hosting blocks [start, end) announces under: one per group the range overlaps."""
+    return list(dict.fromkeys(block_key(model, block) for block in range(start, end)))
+
+
+def model_keys(model: str, num_blocks: int) -> dict[str, tuple[int, int]]:
+    """Every key of a `num_blocks` model, with the blocks [first, end) it covers (the last group may be short)."""
+    return {
+        block_key(model, first): (first, min(first + BLOCKS_PER_KEY, num_blocks))
+        for first in range(0, num_blocks, BLOCKS_PER_KEY)
+    }
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,7 +108,8 @@ class Announcement:
             _check_text("adapter", adapter, MAX_ADAPTER_CHARS, allow_empty=False)
 
     def block_keys(self) -> list[str]:
-        return [block_key(self.model, b) for b in range(self.start_block, self.end_block)]
+        """The keys this announcement belongs under (see `block_keys`)."""
+        return block_keys(self.model, self.start_block, self.end_block)
 
     def to_bytes(self) -> bytes:
         wire: dict[str, Any] = {

@@ -25,6 +25,7 @@ from typing import Any
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 
+from petalnode.dht._known import KnownRecords
 from petalnode.dht._record import Record
 from petalnode.dht._routing import DecidingRoutingTable
 from petalnode.dht._storage import RecordStorage
@@ -86,7 +87,7 @@ class HardenedProtocol(KademliaProtocol):
             "ping": (self.rpc_ping, 1),
             "store": (self.rpc_store, 3),
             "find_node": (self.rpc_find_node, 2),
-            "find_value": (self.rpc_find_value, 3),
+            "find_value": (self.rpc_find_value, 4),
         }
 
     def connection_made(self, transport: Any) -> None:
@@ -177,12 +178,13 @@ class HardenedProtocol(KademliaProtocol):
         neighbors = self.router.find_neighbors(Node(key), exclude=source)
         return [list(n) for n in neighbors]
 
-    def rpc_find_value(self, sender: Any, nodeid: Any, key: Any, cursor: Any) -> dict[str, Any]:
+    def rpc_find_value(self, sender: Any, nodeid: Any, key: Any, cursor: Any, known: Any) -> dict[str, Any]:
         key = parse_key(key)
         if cursor is not None:
             cursor = parse_key(cursor)
+        skip = KnownRecords.from_wire(known) or ()
         nodes = self.rpc_find_node(sender, nodeid, key) if cursor is None else []
-        page, next_cursor = self.storage.page(key, cursor, PAGE_BUDGET_BYTES, MAX_RECORDS_PER_MESSAGE)
+        page, next_cursor = self.storage.page(key, cursor, PAGE_BUDGET_BYTES, MAX_RECORDS_PER_MESSAGE, skip=skip)
         return {"records": [r.to_wire() for r in page], "next": next_cursor,
                 "nodes": nodes}
 
@@ -282,18 +284,23 @@ class HardenedProtocol(KademliaProtocol):
                     raise RemoteProtocolError("a DHT contact host must be an IP address") from None
         return [c for c in contacts if c[0] != self.source_node.id]
 
-    async def call_find_value(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
-        """All live records `node_to_ask` holds for the key (following pages), and its closest contacts.
+    async def call_find_value(
+        self, node_to_ask: Node, node_to_find: Node, known: KnownRecords | None = None
+    ) -> tuple[bool, Any]:
+        """The live records `node_to_ask` holds for the key (following pages), and its closest contacts.
 
+        Args:
+            known: (writer, seq) pairs we already have; the holder leaves those out (see `_known`).
         Returns:
             (True, (records, contacts)) or (False, None). Records are parsed, not yet verified.
         """
         records: list[Record] = []
         contacts: list[Contact] = []
         cursor: bytes | None = None
+        known_wire = None if known is None else known.to_wire()
         for page_number in range(MAX_PAGES_PER_NODE):
             ok, page = await self._call(
-                node_to_ask, "find_value", node_to_find.id, cursor, retries=0 if page_number == 0 else 1,
+                node_to_ask, "find_value", node_to_find.id, cursor, known_wire, retries=0 if page_number == 0 else 1,
                 parse=lambda body: self._parse_value_page(body, node_to_find.id),
             )
             if not ok:

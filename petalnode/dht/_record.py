@@ -8,12 +8,18 @@
 # - Expiry is absolute wall-clock time (it crosses machines). A record is accepted only if it is unexpired and
 #   expires no later than now + MAX_RECORD_TTL_S + MAX_CLOCK_SKEW_S by the verifier's own clock.
 # - A wire record is at most MAX_RECORD_WIRE_BYTES packed, so one fits a datagram with room to spare.
+# - A signature is checked once per process: a valid (public key, signature, signed payload) triple is remembered
+#   by its sha256, so the same record read again (every lookup re-reads the same records until they are
+#   refreshed) costs a hash instead of an Ed25519 verification. Only successes are remembered, and the expiry
+#   checks run every time.
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import math
 import struct
+import threading
 from dataclasses import dataclass
 
 from petalnode.errors import InvalidRecordError
@@ -30,6 +36,8 @@ MAX_RECORD_TTL_S = 3600.0
 MAX_CLOCK_SKEW_S = 60.0
 
 _SIGNING_DOMAIN = b"petalnode/dht-record/v1\x00"
+# Live records a busy node sees: a few per server of each model it reads; 64 Ki digests take about 8 MiB.
+VERIFIED_CACHE_SIZE = 1 << 16
 _FIXED = struct.Struct(">dQ")  # expires_at (float64 seconds since the epoch), seq (uint64)
 _MAX_SEQ = 2**63 - 1
 
@@ -38,6 +46,41 @@ _MAX_SEQ = 2**63 - 1
 def _peer_id_of(public_key: bytes) -> PeerId:
     # Records are read far more often than written (the churn simulator spent ~4% of its CPU re-hashing keys).
     return PeerId.from_public_key(public_key)
+
+
+class _VerifiedSignatures:
+    """A bounded, thread-safe LRU set of sha256(public key + signature + payload) of valid signatures."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._digests: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.verifications = 0  # Ed25519 verifications actually run (for benchmarks and tests)
+
+    def reset(self, size: int) -> None:
+        """Forget every remembered signature and keep at most `size` from now on (benchmarks: 0 = off)."""
+        with self._lock:
+            self._size = size
+            self._digests.clear()
+
+    def check(self, public_key: bytes, signature: bytes, payload: bytes) -> bool:
+        # Fixed-length key and signature in front: the concatenation is unambiguous.
+        digest = hashlib.sha256(public_key + signature + payload).digest()
+        with self._lock:
+            if digest in self._digests:
+                self._digests.move_to_end(digest)
+                return True
+            self.verifications += 1
+        if not verify_signature(public_key, signature, payload):
+            return False
+        with self._lock:
+            self._digests[digest] = None
+            if len(self._digests) > self._size:
+                self._digests.popitem(last=False)
+        return True
+
+
+_verified = _VerifiedSignatures(VERIFIED_CACHE_SIZE)
 
 
 def dht_key(key: str) -> bytes:
@@ -103,7 +146,7 @@ class Record:
                 f"record from {self.peer_id} expires {self.expires_at - now:.0f} s from now, "
                 f"beyond the {max_ttl_s:.0f} s limit"
             )
-        if not verify_signature(self.public_key, self.signature, self.signed_payload()):
+        if not _verified.check(self.public_key, self.signature, self.signed_payload()):
             raise InvalidRecordError(f"record claiming writer {self.peer_id} has a bad signature")
 
     def supersedes(self, other: Record) -> bool:

@@ -7,11 +7,11 @@
 #   the node's maintenance loop).
 # - `iter_older_than` is always empty: kademlia's Server re-publishes whatever it returns every hour, which would
 #   keep other peers' records alive forever. Writers refresh their own records instead.
-# - At most `max_records_per_key` writers per key and `max_keys` keys; when full, the record that would expire
-#   first is evicted if the newcomer outlives it.
+# - At most `max_records_per_key` writers per key, `max_keys` keys and `max_records` records in all; a full key
+#   evicts the record that would expire first if the newcomer outlives it, a full node refuses new records.
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 
 from kademlia.storage import IStorage
 
@@ -19,8 +19,11 @@ from petalnode.dht._record import MAX_CLOCK_SKEW_S, MAX_RECORD_TTL_S, Record
 from petalnode.errors import DHTError, InvalidRecordError
 
 MAX_KEYS = 50_000
-# Petals swarms have at most a few hundred servers per block; 512 leaves room while bounding memory per key.
-MAX_RECORDS_PER_KEY = 512
+# Petals swarms have at most a few hundred servers per block, and a key covers BLOCKS_PER_KEY (8) blocks whose
+# servers mostly overlap (spans are long); 2048 writers leaves room while bounding memory per key (~2 MiB).
+MAX_RECORDS_PER_KEY = 2048
+# All keys together: at most MAX_VALUE_BYTES + ~160 bytes each, so about 250 MiB in the worst case.
+MAX_RECORDS = 200_000
 
 
 class RecordStorage(IStorage):
@@ -34,12 +37,15 @@ class RecordStorage(IStorage):
         skew_s: float = MAX_CLOCK_SKEW_S,
         max_keys: int = MAX_KEYS,
         max_records_per_key: int = MAX_RECORDS_PER_KEY,
+        max_records: int = MAX_RECORDS,
     ) -> None:
         self._wall_clock = wall_clock
         self._max_ttl_s = max_ttl_s
         self._skew_s = skew_s
         self._max_keys = max_keys
         self._max_records_per_key = max_records_per_key
+        self._max_records = max_records
+        self._count = 0  # records held in all keys (expired ones included until they are dropped)
         self._data: dict[bytes, dict[bytes, Record]] = {}
 
     # -- our interface ------------------------------------------------------------------------------------------
@@ -58,21 +64,29 @@ class RecordStorage(IStorage):
         if held is not None and held.get(subkey) == record:
             return True  # verified when it was first stored; re-stores and handoffs are common
         record.verify(now, max_ttl_s=self._max_ttl_s, skew_s=self._skew_s)
+        old = held.get(subkey) if held is not None else None
+        if old is not None:
+            if not record.supersedes(old):
+                return False
+        elif held is not None and len(held) >= self._max_records_per_key:
+            victim = min(held.values(), key=lambda r: r.expires_at)
+            if victim.expires_at >= record.expires_at:
+                raise DHTError(f"DHT key holds the maximum of {self._max_records_per_key} writers")
+            del held[victim.peer_id.raw]
+            self._count -= 1
+        elif self._count >= self._max_records:
+            self.cull()
+            if self._count >= self._max_records:
+                raise DHTError(f"DHT storage holds the maximum of {self._max_records} records")
+            held = self._data.get(record.key)  # the cull may have emptied (and dropped) this key
         if held is None:
             if len(self._data) >= self._max_keys:
                 self.cull()
                 if len(self._data) >= self._max_keys:
                     raise DHTError(f"DHT storage holds the maximum of {self._max_keys} keys")
             held = self._data[record.key] = {}
-        old = held.get(subkey)
-        if old is not None:
-            if not record.supersedes(old):
-                return False
-        elif len(held) >= self._max_records_per_key:
-            victim = min(held.values(), key=lambda r: r.expires_at)
-            if victim.expires_at >= record.expires_at:
-                raise DHTError(f"DHT key holds the maximum of {self._max_records_per_key} writers")
-            del held[victim.peer_id.raw]
+        if old is None:
+            self._count += 1
         held[subkey] = record
         return True
 
@@ -82,9 +96,12 @@ class RecordStorage(IStorage):
         return [held[s] for s in sorted(held)] if held else []
 
     def page(
-        self, key: bytes, after: bytes | None, budget_bytes: int, max_records: int
+        self, key: bytes, after: bytes | None, budget_bytes: int, max_records: int,
+        skip: Container[tuple[bytes, int]] = (),
     ) -> tuple[list[Record], bytes | None]:
         """At most `max_records` records with writer id > `after`, wire sizes summing to <= `budget_bytes`.
+
+        Records whose (writer id, seq) is in `skip` (what the reader already has) are left out.
 
         Returns:
             The page and the cursor for the next one (the last writer id), or None when this was the last page.
@@ -94,6 +111,8 @@ class RecordStorage(IStorage):
         for record in self.records(key):
             subkey = record.peer_id.raw
             if after is not None and subkey <= after:
+                continue
+            if skip and (subkey, record.seq) in skip:
                 continue
             size = record.wire_size()
             if out and (used + size > budget_bytes or len(out) >= max_records):
@@ -116,7 +135,7 @@ class RecordStorage(IStorage):
         return dropped
 
     def __len__(self) -> int:
-        return sum(len(v) for v in self._data.values())
+        return self._count
 
     def _live(self, key: bytes, now: float) -> dict[bytes, Record] | None:
         held = self._data.get(key)
@@ -124,6 +143,7 @@ class RecordStorage(IStorage):
             return None
         for subkey in [s for s, r in held.items() if r.expires_at <= now]:
             del held[subkey]
+            self._count -= 1
         if not held:
             del self._data[key]
             return None

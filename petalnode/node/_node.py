@@ -28,7 +28,7 @@ import torch
 
 from petalnode import __version__
 from petalnode.compute import DEFAULT_CACHE_TOKENS_PER_BLOCK, ModelInfo, SessionManager, format_size, plan_blocks
-from petalnode.dht import MAX_ADAPTERS, Announcement, DHTNode, ServerState
+from petalnode.dht import MAX_ADAPTERS, Announcement, DHTNode, ServerState, block_keys
 from petalnode.errors import ClosedResourceError, ConfigError, DHTError, InvalidStateError, OutOfCacheMemoryError
 from petalnode.identity import Identity, PeerAddress
 from petalnode.node._backend import ComputeBackend, TorchBackend, split_adapter_spec
@@ -336,6 +336,11 @@ class Node:
                 continue
             try:
                 view = await fetch_swarm(self.dht, hosted.model, self.model_info.num_blocks)
+                if self.identity.peer_id not in view.servers:
+                    # Our own announcement was not found (we are cut off, or our last store reached none of the
+                    # key's holders yet): there is nothing to weigh a move against; look again next period.
+                    log.info("rebalance check skipped: our own announcement is not in the swarm view")
+                    continue
                 twins = [s.peer_id for s in view.servers.values()
                          if (s.start, s.end) == (hosted.start, hosted.end) and s.state in SERVING_STATES]
                 if max(twins, default=self.identity.peer_id) > self.identity.peer_id:
@@ -450,9 +455,7 @@ class Node:
 
 
 def _keys(model: str, start: int, end: int) -> list[str]:
-    from petalnode.dht import block_key
-
-    return [block_key(model, block) for block in range(start, end)]
+    return block_keys(model, start, end)
 
 
 def _check_adapter_specs(specs: tuple[str, ...], compute: ComputeBackend) -> None:

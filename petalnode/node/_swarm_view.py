@@ -1,10 +1,10 @@
-# The merged view of one model's swarm, built from the announcements found under its block keys.
+# The merged view of one model's swarm, built from the announcements found under its DHT keys.
 #
 # Invariants:
 # - Pure data: no I/O, no clock, no randomness; the daemon, the client and the churn simulator build it the same way.
 # - Every ServerView in a SwarmView has 0 <= start < end <= num_blocks and belongs to the view's model.
 # - One ServerView per peer id: when a peer's announcements disagree (a re-announcement still propagating), the one
-#   seen under the most block keys wins; ties go to the one first seen in ascending block order.
+#   seen under the most keys wins; ties go to the one first seen in ascending block order.
 # - Per-block sums use a fixed server order (sorted by peer id), so equal inputs give bit-identical floats.
 from __future__ import annotations
 
@@ -80,28 +80,39 @@ class SwarmView:
         *,
         model: str | None = None,
     ) -> SwarmView:
-        """Merge per-block DHT lookups into one view.
+        """Merge per-block lookups (block index -> {peer id -> announcement}); see `from_key_records`."""
+        return cls.from_key_records(num_blocks, {(b, b + 1): found for b, found in records.items()}, model=model)
+
+    @classmethod
+    def from_key_records(
+        cls,
+        num_blocks: int,
+        records: Mapping[tuple[int, int], Mapping[PeerId, Announcement]],
+        *,
+        model: str | None = None,
+    ) -> SwarmView:
+        """Merge DHT lookups of a model's keys into one view.
 
         Args:
             num_blocks: the model's number of blocks.
-            records: block index -> {peer id -> announcement found under that block's key}.
+            records: the blocks [first, end) a key covers -> {peer id -> announcement found under that key}.
             model: the model name the keys were built from; announcements for another model are dropped. When
                 None, the name most announcements carry is used (first seen wins a tie).
 
-        Announcements are dropped when their range does not contain the block they were found under (a stale
+        Announcements are dropped when their range misses the blocks of the key they were found under (a stale
         or lying record), or when it reaches past `num_blocks` (a server of a different model build).
         """
-        found: list[tuple[int, PeerId, Announcement]] = [
-            (block, peer_id, ann)
-            for block in sorted(records)
-            for peer_id, ann in records[block].items()
-            if 0 <= block < num_blocks and ann.start_block <= block < ann.end_block <= num_blocks
+        found: list[tuple[PeerId, Announcement]] = [
+            (peer_id, ann)
+            for first, end in sorted(records)
+            for peer_id, ann in records[(first, end)].items()
+            if 0 <= first < end <= num_blocks and ann.start_block < end and first < ann.end_block <= num_blocks
         ]
         if model is None and found:
-            model = Counter(ann.model for _, _, ann in found).most_common(1)[0][0]
+            model = Counter(ann.model for _, ann in found).most_common(1)[0][0]
         # Counter keeps first-insertion order, and most_common is stable, so ties go to the first seen.
         seen: dict[PeerId, Counter[Announcement]] = {}
-        for _, peer_id, ann in found:
+        for peer_id, ann in found:
             if ann.model == model:
                 seen.setdefault(peer_id, Counter())[ann] += 1
         servers = [ServerView.from_announcement(p, c.most_common(1)[0][0]) for p, c in seen.items()]

@@ -45,6 +45,9 @@ class ConnectionConfig:
     """Limits of the shared multiplexing layer (see `_mux.py`).
 
     `keepalive_interval_s=None` turns keepalive off (a simulator with thousands of idle connections may want it).
+    `idle_timeout_s`: the side that dialled closes the connection once it has had no open stream for this long
+    (checked on keepalive ticks, so it needs keepalive); None keeps idle connections open. Only the dialler
+    closes, so a call it is about to make never races the close (its pool then dials afresh).
     """
 
     max_message_bytes: int = MAX_MESSAGE_BYTES
@@ -53,6 +56,7 @@ class ConnectionConfig:
     max_streams: int = MAX_STREAMS
     keepalive_interval_s: float | None = KEEPALIVE_INTERVAL_S
     keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S
+    idle_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if not 1024 <= self.chunk_bytes <= 16 * 1024 * 1024:
@@ -65,6 +69,8 @@ class ConnectionConfig:
             raise ConfigError("max_message_bytes and max_streams must be positive")
         if self.keepalive_interval_s is not None and not 0 < self.keepalive_interval_s < self.keepalive_timeout_s:
             raise ConfigError("need 0 < keepalive_interval_s < keepalive_timeout_s")
+        if self.idle_timeout_s is not None and (self.idle_timeout_s <= 0 or self.keepalive_interval_s is None):
+            raise ConfigError("idle_timeout_s must be positive and needs keepalive_interval_s")
 
 
 @runtime_checkable

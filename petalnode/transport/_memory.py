@@ -184,6 +184,9 @@ class MemoryNetwork:
         # Stream frames held while a host is partitioned: (direction, nbytes, deliver).
         self._held: list[tuple[_LinkDirection, int, Callable[[], None]]] = []
         self._heal_waiters: list[asyncio.Future[None]] = []
+        # Datagrams handed to the network (lost ones included): what a DHT lookup or store costs, for benchmarks.
+        self.datagrams_sent = 0
+        self.datagram_bytes_sent = 0
 
     # ---- links and faults -------------------------------------------------------------------------------
 
@@ -303,6 +306,8 @@ class MemoryNetwork:
             del self._datagram_endpoints[address]
 
     def _send_datagram(self, src: Address, dst: Address, data: bytes) -> None:
+        self.datagrams_sent += 1
+        self.datagram_bytes_sent += len(data)
         if not self._reachable(src[0], dst[0]):
             return
         config = self.link(src[0], dst[0])

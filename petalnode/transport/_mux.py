@@ -254,6 +254,7 @@ class MuxConnection:
         self._remote_peer_id = remote_peer_id
         self._remote_address = remote_address
         self._on_closed = on_closed
+        self._initiator = initiator
         self._next_local_id = 1 if initiator else 2
         self._last_remote_id = 0
         self._streams: dict[int, MuxStream] = {}
@@ -264,6 +265,8 @@ class MuxConnection:
         self._closed_event = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._last_rx = asyncio.get_running_loop().time()
+        self._last_active = self._last_rx  # when a stream last opened or ended (for idle_timeout_s)
+        self.pings_sent = 0  # keepalive probes written (diagnostics and tests)
 
     def start(self) -> None:
         if self._tasks:
@@ -308,6 +311,7 @@ class MuxConnection:
         self._next_local_id += 2
         stream = MuxStream(self, stream_id)
         self._streams[stream_id] = stream
+        self._last_active = asyncio.get_running_loop().time()
         self._write(frames.encode_control(FrameKind.OPEN, stream_id))
         await self._drain()
         return stream
@@ -345,6 +349,7 @@ class MuxConnection:
     def _forget(self, stream: MuxStream) -> None:
         if self._streams.get(stream.stream_id) is stream:
             del self._streams[stream.stream_id]
+            self._last_active = asyncio.get_running_loop().time()
 
     def _maybe_forget(self, stream: MuxStream) -> None:
         # Late DATA for a forgotten stream is still credited back by `_dispatch`, so the peer never stalls.
@@ -417,6 +422,7 @@ class MuxConnection:
             return
         stream = MuxStream(self, stream_id)
         self._streams[stream_id] = stream
+        self._last_active = asyncio.get_running_loop().time()
         self._accept_queue.append(stream)
         self._acceptable.set()
 
@@ -425,16 +431,27 @@ class MuxConnection:
         assert interval is not None
         loop = asyncio.get_running_loop()
         counter = 0
+        idle_timeout = self.config.idle_timeout_s if self._initiator else None
         while not self._closed:
             await asyncio.sleep(interval)
+            if idle_timeout is not None and not self._streams and loop.time() - self._last_active >= idle_timeout:
+                log.debug("closing connection to %s: no stream for %.0f s", self._remote_peer_id, idle_timeout)
+                await self.aclose()
+                return
             silent_s = loop.time() - self._last_rx
             if silent_s > self.config.keepalive_timeout_s:
                 log.warning("closing connection to %s: silent for %.1f s", self._remote_peer_id, silent_s)
                 self._close(ConnectionClosedError(f"peer {self._remote_peer_id} silent for {silent_s:.1f} s"))
                 await self._channel.aclose()
                 return
-            counter += 1
-            self._write_quiet(frames.encode_ping(FrameKind.PING, counter))
+            # Anything received within the last interval already shows the peer is alive: probe only a quiet
+            # connection. On an idle one the first side to probe refreshes the other, so about one PING/PONG
+            # pair per interval crosses it instead of two, and a busy one carries none; the silence bound
+            # (keepalive_timeout_s, checked every interval) is unchanged.
+            if silent_s >= interval:
+                counter += 1
+                self.pings_sent += 1
+                self._write_quiet(frames.encode_ping(FrameKind.PING, counter))
 
     # ---- closing --------------------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from petalnode.identity import Identity
 from petalnode.node import Node, ServeOptions, SwarmClient
 from petalnode.transport import LinkConfig, MemoryNetwork
 from simulations._standin import StandInBackend, StandInModelInfo, next_token, prompt_hidden, reference_generation
-from simulations._virtual_loop import kademlia_on_loop_clock, run
+from simulations._virtual_loop import run
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -37,40 +37,39 @@ async def generation_with_failure(position: int, crash: bool) -> tuple[list[int]
                     transport=network.transport(identity, name), endpoint_factory=network.create_datagram_endpoint,
                     wall_clock=loop.wall_clock, compute=StandInBackend(info, throughput=100.0 + len(name)))
 
-    with kademlia_on_loop_clock(loop):
-        boot = node("boot", None, [])
-        await boot.start()
-        servers = {}
-        for i, blocks in enumerate(CHAIN):
-            for copy in ("a", "b"):
-                servers[(i, copy)] = node(f"s{i}{copy}", blocks, [boot.address])
-                await servers[(i, copy)].start()
-        identity = Identity.from_seed(b"client")
-        client = SwarmClient(MODEL, NUM_BLOCKS, [boot.address], identity=identity, seed=1, listen_host="client",
-                             transport=network.transport(identity, "client"),
-                             endpoint_factory=network.create_datagram_endpoint, wall_clock=loop.wall_clock,
-                             step_timeout_s=5.0, wait_for_blocks_s=30.0)
-        await client.start()
-        started = loop.time()
-        async with asyncio.timeout(300):
-            session = await client.open_session(len(PROMPT) + NEW_TOKENS)
-            out = await session.step(prompt_hidden(PROMPT, info.hidden_size), 0)
-            tokens = [next_token(out[:, -1])]
-            for step in range(NEW_TOKENS - 1):
-                if step == KILL_AFTER:
-                    victim_id = session.hops[position].peer_id
-                    victim = next(n for n in servers.values() if n.identity.peer_id == victim_id)
-                    if crash:
-                        network.kill(victim.listen_host)
-                    await victim.aclose()
-                out = await session.step(prompt_hidden(tokens[-1:], info.hidden_size), len(PROMPT) + step)
-                tokens.append(next_token(out[:, -1]))
-            reroutes = session.reroutes
-            await session.aclose()
-        elapsed = loop.time() - started
-        await client.aclose()
-        for n in [*servers.values(), boot]:
-            await n.aclose()
+    boot = node("boot", None, [])
+    await boot.start()
+    servers = {}
+    for i, blocks in enumerate(CHAIN):
+        for copy in ("a", "b"):
+            servers[(i, copy)] = node(f"s{i}{copy}", blocks, [boot.address])
+            await servers[(i, copy)].start()
+    identity = Identity.from_seed(b"client")
+    client = SwarmClient(MODEL, NUM_BLOCKS, [boot.address], identity=identity, seed=1, listen_host="client",
+                         transport=network.transport(identity, "client"),
+                         endpoint_factory=network.create_datagram_endpoint, wall_clock=loop.wall_clock,
+                         step_timeout_s=5.0, wait_for_blocks_s=30.0)
+    await client.start()
+    started = loop.time()
+    async with asyncio.timeout(300):
+        session = await client.open_session(len(PROMPT) + NEW_TOKENS)
+        out = await session.step(prompt_hidden(PROMPT, info.hidden_size), 0)
+        tokens = [next_token(out[:, -1])]
+        for step in range(NEW_TOKENS - 1):
+            if step == KILL_AFTER:
+                victim_id = session.hops[position].peer_id
+                victim = next(n for n in servers.values() if n.identity.peer_id == victim_id)
+                if crash:
+                    network.kill(victim.listen_host)
+                await victim.aclose()
+            out = await session.step(prompt_hidden(tokens[-1:], info.hidden_size), len(PROMPT) + step)
+            tokens.append(next_token(out[:, -1]))
+        reroutes = session.reroutes
+        await session.aclose()
+    elapsed = loop.time() - started
+    await client.aclose()
+    for n in [*servers.values(), boot]:
+        await n.aclose()
     return tokens, reroutes, elapsed
 
 

@@ -66,3 +66,44 @@ def test_a_deadlock_raises_instead_of_hanging() -> None:
 
     with pytest.raises(VirtualDeadlockError):
         run(main())
+
+
+def test_dht_buckets_age_and_get_refreshed_in_virtual_time() -> None:
+    # The routing table reads the loop's clock (not time.monotonic), so an idle hour passes in virtual time and
+    # the node's own maintenance refreshes its lonely buckets, with no patching of kademlia.
+    from petalnode.dht import DHTNode
+    from petalnode.dht._node import BUCKET_REFRESH_INTERVAL_S
+    from petalnode.dht._routing import LONELY_AFTER_S
+    from petalnode.identity import Identity
+    from petalnode.transport import MemoryNetwork
+
+    async def main() -> tuple[list[float], float]:
+        loop = asyncio.get_running_loop()
+        network = MemoryNetwork()
+        nodes = [DHTNode(Identity.from_seed(b"vt-%d" % i), endpoint_factory=network.create_datagram_endpoint,
+                         wall_clock=loop.wall_clock) for i in range(6)]
+        await nodes[0].start(listen=("n0", 1))
+        for i, node in enumerate(nodes[1:], 1):
+            await node.start(listen=(f"n{i}", 1), bootstrap=[("n0", 1)])
+        await asyncio.sleep(LONELY_AFTER_S + BUCKET_REFRESH_INTERVAL_S + 60)
+        stamps = [b.last_updated for b in nodes[3].protocol.router.buckets]
+        for node in nodes:
+            await node.aclose()
+        return stamps, loop.time()
+
+    stamps, now = run(main())
+    assert all(0 <= s <= now for s in stamps), stamps  # stamped by the virtual clock
+    assert all(s >= LONELY_AFTER_S for s in stamps), stamps  # every bucket was refreshed after it grew lonely
+
+
+def test_a_thread_can_still_wake_the_loop() -> None:
+    async def main() -> int:
+        ticker = asyncio.get_running_loop().create_task(asyncio.sleep(10_000))  # a pending timer, never due
+        try:
+            return await asyncio.to_thread(lambda: (time.sleep(0.05), 42)[1])  # wakes the loop through its self-pipe
+        finally:
+            ticker.cancel()
+
+    started = time.perf_counter()
+    assert run(main()) == 42
+    assert time.perf_counter() - started < 1.0

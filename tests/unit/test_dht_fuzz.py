@@ -44,7 +44,8 @@ def mutate(data: bytes, flips: list[tuple[int, int]]) -> bytes:
 valid_bodies = st.sampled_from([
     ["ping", [bytes(20)]],
     ["find_node", [bytes(20), KEY]],
-    ["find_value", [None, KEY, None]],
+    ["find_value", [None, KEY, None, None]],
+    ["find_value", [None, KEY, None, [bytes(8), bytes(64)]]],
     ["store", [bytes(20), KEY, [VALID_RECORD]]],
     ["find_node", [bytes(20), KEY, b"extra"]],
     ["store", [None, KEY, [VALID_RECORD] * 70]],

@@ -8,8 +8,19 @@ import msgpack
 import pytest
 
 import petalnode.dht
-from petalnode.dht import MAX_VALUE_BYTES, Announcement, Record, ServerState, block_key, dht_key
+from petalnode.dht import (
+    BLOCKS_PER_KEY,
+    MAX_VALUE_BYTES,
+    Announcement,
+    Record,
+    ServerState,
+    block_key,
+    block_keys,
+    dht_key,
+    model_keys,
+)
 from petalnode.dht._protocol import PAGE_BUDGET_BYTES, batch_records
+from petalnode.dht._record import _verified
 from petalnode.dht._storage import RecordStorage
 from petalnode.dht._wire import MAX_BODY_BYTES, pack_body
 from petalnode.errors import CodecError, DHTError, InvalidRecordError
@@ -138,6 +149,37 @@ def test_storage_bounds_writers_per_key() -> None:
     assert {r.peer_id for r in storage.records(KEY)} == {w.peer_id for w in writers[1:]}
 
 
+def test_storage_bounds_records_in_all_keys_and_counts_them() -> None:
+    clock = Clock()
+    storage = RecordStorage(clock, max_records=3)
+    writers = [Identity.from_seed(b"t%d" % i) for i in range(3)]
+    for i, w in enumerate(writers):
+        storage.put(Record.create(w, key=dht_key(f"k{i}"), value=b"", expires_at=NOW + 10 + i, seq=1))
+    assert len(storage) == 3
+    with pytest.raises(DHTError, match="maximum of 3 records"):
+        storage.put(Record.create(ALICE, key=dht_key("k9"), value=b"", expires_at=NOW + 50, seq=1))
+    assert storage.put(Record.create(writers[0], key=dht_key("k0"), value=b"", expires_at=NOW + 60, seq=2))  # newer
+    assert len(storage) == 3 and storage.get(dht_key("k9")) is None and len(storage.keys()) == 3
+    clock.now += 11.5  # writers[1]'s record (k1, expiring at NOW + 11) is gone: room for one more
+    assert storage.put(Record.create(ALICE, key=dht_key("k9"), value=b"", expires_at=NOW + 50, seq=1))
+    assert len(storage) == 3 and storage.get(dht_key("k1")) is None
+
+
+def test_a_signature_is_verified_once_and_a_changed_record_again() -> None:
+    record = Record.create(ALICE, key=dht_key("cache-test"), value=b"fresh", expires_at=NOW + 10, seq=1)
+    before = _verified.verifications
+    for _ in range(3):
+        Record.from_wire(record.to_wire()).verify(NOW)
+    assert _verified.verifications == before + 1
+    with pytest.raises(InvalidRecordError, match="bad signature"):  # same signature, other value: checked, refused
+        dataclasses.replace(record, value=b"forged").verify(NOW)
+    with pytest.raises(InvalidRecordError, match="bad signature"):  # a refusal is not remembered as a success
+        dataclasses.replace(record, value=b"forged").verify(NOW)
+    with pytest.raises(InvalidRecordError, match="expired"):  # expiry is checked even for a remembered signature
+        record.verify(NOW + 11)
+    assert _verified.verifications == before + 3
+
+
 def test_pages_cover_all_writers_and_fit_datagrams() -> None:
     storage = RecordStorage(Clock())
     writers = [Identity.from_seed(b"p%d" % i) for i in range(40)]
@@ -177,8 +219,30 @@ def test_announcement_golden_bytes_and_round_trip() -> None:
     ann = announcement()
     assert ann.to_bytes() == GOLDEN
     assert Announcement.from_bytes(GOLDEN) == ann
-    assert ann.block_keys() == [block_key("smollm2-135m", b) for b in range(4, 12)]
+    assert ann.block_keys() == ["smollm2-135m.0:8", "smollm2-135m.8:16"]  # blocks 4-11 overlap two groups of 8
     assert Announcement.from_bytes(announcement(public_name=None).to_bytes()).public_name is None
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "keys"),
+    [(0, 1, ["m.0:8"]), (0, 8, ["m.0:8"]), (7, 9, ["m.0:8", "m.8:16"]), (8, 30, ["m.8:16", "m.16:24", "m.24:32"])],
+)
+def test_a_server_announces_under_one_key_per_group_of_blocks(start: int, end: int, keys: list[str]) -> None:
+    assert BLOCKS_PER_KEY == 8
+    assert block_keys("m", start, end) == keys
+    assert all(block_key("m", b) in keys for b in range(start, end))
+
+
+def test_a_reader_looks_up_every_group_of_the_model_once() -> None:
+    assert model_keys("m", 30) == {"m.0:8": (0, 8), "m.8:16": (8, 16), "m.16:24": (16, 24), "m.24:32": (24, 30)}
+    assert model_keys("m", 8) == {"m.0:8": (0, 8)}
+    # Every block of the model is covered by exactly one key, and that key is where its servers announce.
+    for num_blocks in (1, 7, 8, 9, 80):
+        groups = model_keys("m", num_blocks)
+        for block in range(num_blocks):
+            assert [k for k, (a, b) in groups.items() if a <= block < b] == [block_key("m", block)]
+    with pytest.raises(ValueError):
+        block_key("m", -1)
 
 
 def test_announcement_adapters_round_trip_and_are_omitted_when_empty() -> None:

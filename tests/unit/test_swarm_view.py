@@ -127,3 +127,17 @@ def test_runs_where() -> None:
 ])
 def test_describe_runs(runs: list[tuple[int, int]], text: str) -> None:
     assert describe_runs(runs) == text
+
+
+def test_merge_of_group_keys_keeps_announcements_that_overlap_their_group() -> None:
+    spans = {pid(1): ann(6, 10), pid(2): ann(0, 3), pid(3): ann(12, 14), pid(4): ann(12, 14)}
+    records = {
+        (0, 8): {pid(1): spans[pid(1)], pid(2): spans[pid(2)], pid(3): spans[pid(3)]},  # pid 3: not in 0-7
+        (8, 14): {pid(1): spans[pid(1)], pid(4): spans[pid(4)]},
+        (14, 20): {pid(5): ann(14, 15)},  # a key past the model's 14 blocks
+    }
+    view = SwarmView.from_key_records(14, records, model=MODEL)
+    assert {p: (s.start, s.end) for p, s in view.servers.items()} == {
+        pid(1): (6, 10), pid(2): (0, 3), pid(4): (12, 14)
+    }
+    assert view.block_coverage() == [1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 0, 0, 1, 1]

@@ -9,6 +9,7 @@ import pytest
 
 from petalnode.errors import (
     ClosedResourceError,
+    ConfigError,
     ConnectionClosedError,
     ConnectTimeoutError,
     LocalProtocolError,
@@ -241,6 +242,50 @@ async def test_partition_stalls_then_keepalive_drops_connection() -> None:
             await conn.wait_closed()
         with pytest.raises(ConnectionClosedError, match="silent"):
             await stream.receive()
+
+
+async def test_keepalive_probes_only_quiet_connections() -> None:
+    config = ConnectionConfig(keepalive_interval_s=0.2, keepalive_timeout_s=1.0)
+    net = MemoryNetwork(LinkConfig(latency_s=0.001))
+    a, b, server, listener = await make_pair(net, config)
+    async with a, b:
+        conn = await a.dial(listener.address)
+        stream = await conn.open_stream()
+        for _ in range(30):  # busy both ways (echo) ten times per interval for 3 intervals: no probes at all
+            await stream.send(b"x")
+            assert await stream.receive() == b"x"
+            await asyncio.sleep(0.02)
+        remote = server.connections[0]
+        assert conn.pings_sent == 0 and remote.pings_sent == 0  # type: ignore[attr-defined]
+        await asyncio.sleep(2.0)  # idle for 10 intervals: one side's probe keeps both sides content
+        pings = conn.pings_sent + remote.pings_sent  # type: ignore[attr-defined]
+        assert 4 <= pings <= 12, pings  # two per interval (20) without the quiet check
+        assert not conn.closed and not remote.closed
+
+
+async def test_the_dialler_closes_a_connection_idle_for_idle_timeout() -> None:
+    config = ConnectionConfig(keepalive_interval_s=0.05, keepalive_timeout_s=1.0, idle_timeout_s=0.3)
+    net = MemoryNetwork()
+    a, b, server, listener = await make_pair(net, config)
+    async with a, b:
+        conn = await a.dial(listener.address)
+        stream = await conn.open_stream()
+        await stream.send(b"ab")
+        assert await stream.receive() == b"ba"
+        await asyncio.sleep(0.6)  # a stream is open (a session between steps): never idle
+        assert not conn.closed
+        await stream.send_eof()
+        with pytest.raises(EndOfStreamError):
+            await stream.receive()
+        await asyncio.sleep(0.15)
+        assert not conn.closed  # idle, but not for long yet
+        async with asyncio.timeout(1):
+            await conn.wait_closed()  # closed by its dialler...
+            await server.connections[0].wait_closed()  # ...which the other side sees at once
+        again = await a.dial(listener.address)  # a new call simply dials again
+        assert not again.closed
+    with pytest.raises(ConfigError):
+        ConnectionConfig(keepalive_interval_s=None, idle_timeout_s=1.0)
 
 
 async def test_remote_protocol_violation_closes_only_that_connection() -> None:

@@ -70,6 +70,7 @@ async def test_loss_drops_about_the_configured_fraction() -> None:
         ta.sendto(i.to_bytes(2, "big"), ("b", 1))
     await asyncio.sleep(0.01)
     assert 120 < len(pb.received) < 280
+    assert (net.datagrams_sent, net.datagram_bytes_sent) == (400, 800)  # counted when sent, lost ones included
 
 
 async def test_partition_heal_kill_and_close() -> None:
