@@ -145,6 +145,8 @@ class Node:
         self._address: PeerAddress | None = None
         self.model_info: ModelInfo | None = None
         self.hosted: HostedSpan | None = None
+        # (model, start, end) announced as JOINING while blocks load: withdrawn by aclose if loading fails.
+        self._joining: tuple[str, int, int] | None = None
         self.reloads = 0  # how many times this node loaded blocks (1 at start, +1 per rebalancing move)
         self._rng = random.Random()
         self._plan_state: tuple[Any, Any, Any, int, int] | None = None
@@ -252,6 +254,7 @@ class Node:
         count, cache_bytes = _plan(info, options, dtype)
         start, end = await self._choose_window(info, options, count, rng)
         announce = self._announcement_factory(model)
+        self._joining = (model, start, end)
         await self.dht.store_many(_keys(model, start, end), announce(ServerState.JOINING, start, end, 0.0, 0))
         for _ in range(JOIN_RECHECKS if options.blocks is None and options.join_jitter_s > 0 else 0):
             # Servers that start together all saw the same swarm; wait a little and look again. Twice, since a
@@ -262,6 +265,7 @@ class Node:
                 log.info("placement changed after re-check: %d:%d -> %d:%d", start, end, new_start, new_end)
                 old_keys = _keys(model, start, end)
                 start, end = new_start, new_end
+                self._joining = (model, start, end)
                 # The new announcement under every old and new key: readers drop it where it is out of range.
                 await self.dht.store_many(sorted(set(old_keys) | set(_keys(model, start, end))),
                                           announce(ServerState.JOINING, start, end, 0.0, 0))
@@ -424,13 +428,16 @@ class Node:
                 self._refresh.cancel()
             if self._server is not None:
                 self._server.start_draining()
-            if self.hosted is not None and self._dht is not None:
-                hosted = self.hosted
-                offline = self._announcement_factory(hosted.model)(ServerState.OFFLINE, hosted.start, hosted.end,
-                                                                    hosted.throughput, 0)
+            announced = ((self.hosted.model, self.hosted.start, self.hosted.end, self.hosted.throughput)
+                         if self.hosted is not None else
+                         (*self._joining, 0.0) if self._joining is not None else None)
+            if announced is not None and self._dht is not None:
+                # Also when loading failed after JOINING was stored: otherwise that record lingers for a TTL.
+                model, start, end, throughput = announced
+                offline = self._announcement_factory(model)(ServerState.OFFLINE, start, end, throughput, 0)
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(OFFLINE_ANNOUNCE_TIMEOUT_S):
-                        await self._dht.store_many(_keys(hosted.model, hosted.start, hosted.end), offline)
+                        await self._dht.store_many(_keys(model, start, end), offline)
             if self._server is not None and self.serve_options is not None:
                 # Finish the steps being computed (their replies go out); later steps are handed back.
                 await self._server.wait_idle(self.serve_options.drain_timeout_s)

@@ -84,6 +84,10 @@ async def test_a_bad_adapter_fails_the_start_clearly(tiny_model_dir: Path, adapt
         with pytest.raises(error, match=match):
             await server.start()
         assert server.state is NodeState.CLOSED and server.hosted is None
+        # A load that failed after JOINING was announced withdraws it; clients never wait on this server.
+        info = load_model_info(tiny_model_dir)
+        view = await fetch_swarm(bootstrap.dht, info.source.name, info.num_blocks)
+        assert all(seen.state is ServerState.OFFLINE for seen in view.servers.values())
     finally:
         await server.aclose()
         await bootstrap.aclose()
