@@ -34,13 +34,14 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:  # before importing torch: a typo is answered at once
+        raise ConfigError("--max-new-tokens must be at least 1")
+
     from petalnode.client import AutoDistributedModelForCausalLM, even_spans
     from petalnode.codecs import TensorCodec
     from petalnode.compute import configure_threads, load_model_info
     from petalnode.node import RemoteBlockChain
 
-    if args.max_new_tokens < 1:
-        raise ConfigError("--max-new-tokens must be at least 1")
     configure_threads(args.threads)
     info = load_model_info(args.model)
     tokenizer, input_ids = _encode_prompt(info, args)  # before any swarm starts: prompt errors fail fast
