@@ -36,7 +36,10 @@ def reference(default_model_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def swarm(default_model_dir: Path):
-    with LocalSwarm(None, spans=SPANS + SPANS, threads=1, extra_args=["--rebalance-period", "0"]) as swarm:
+    # Each span twice, and the middle one a third time: the kill tests each take one server of a different span,
+    # and the stall test then still finds a spare for the middle (cheaper than restarting servers between tests).
+    with LocalSwarm(None, spans=SPANS + SPANS + [SPANS[1]], threads=1,
+                    extra_args=["--rebalance-period", "0"]) as swarm:
         yield swarm
 
 
@@ -92,9 +95,6 @@ def test_kill_9_mid_generation_gives_identical_output(swarm: LocalSwarm, referen
     assert killed and killed[0].process.returncode == -signal.SIGKILL
     assert reroutes >= 1
     assert torch.equal(out, expected)
-    # Give the next test a spare for these blocks again.
-    start, end = SPANS[position]
-    swarm.add_server(["--blocks", f"{start}:{end}"])
 
 
 def test_stalled_server_is_bypassed_within_the_heartbeat_bound(swarm: LocalSwarm, reference) -> None:
@@ -116,8 +116,6 @@ def test_stalled_server_is_bypassed_within_the_heartbeat_bound(swarm: LocalSwarm
     assert torch.equal(out, expected)
     # Heartbeat timeout is 5 s; detection, rerouting and replaying 23 positions fit in 12 s on this machine.
     assert max(streamer.step_times) < 12.0, streamer.step_times
-    start, end = SPANS[1]
-    swarm.add_server(["--blocks", f"{start}:{end}"])
 
 
 def test_generation_waits_for_missing_blocks_then_proceeds(default_model_dir: Path, reference) -> None:
