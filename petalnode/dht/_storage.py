@@ -11,6 +11,7 @@
 #   evicts the record that would expire first if the newcomer outlives it, a full node refuses new records.
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Container, Iterator
 
 from kademlia.storage import IStorage
@@ -47,6 +48,10 @@ class RecordStorage(IStorage):
         self._max_records = max_records
         self._count = 0  # records held in all keys (expired ones included until they are dropped)
         self._data: dict[bytes, dict[bytes, Record]] = {}
+        # Per key, caches that keep reads from touching every record (a key of a big swarm holds hundreds):
+        # the earliest expiry (no scan for expired records before it) and the writer ids in page order.
+        self._first_expiry: dict[bytes, float] = {}
+        self._sorted: dict[bytes, list[bytes]] = {}
 
     # -- our interface ------------------------------------------------------------------------------------------
     def put(self, record: Record) -> bool:
@@ -73,6 +78,7 @@ class RecordStorage(IStorage):
             if victim.expires_at >= record.expires_at:
                 raise DHTError(f"DHT key holds the maximum of {self._max_records_per_key} writers")
             del held[victim.peer_id.raw]
+            self._sorted.pop(record.key, None)
             self._count -= 1
         elif self._count >= self._max_records:
             self.cull()
@@ -87,13 +93,23 @@ class RecordStorage(IStorage):
             held = self._data[record.key] = {}
         if old is None:
             self._count += 1
+            self._sorted.pop(record.key, None)
         held[subkey] = record
+        first = self._first_expiry.get(record.key)
+        if first is None or record.expires_at < first or (old is not None and old.expires_at <= first):
+            self._first_expiry[record.key] = min(r.expires_at for r in held.values())
         return True
 
     def records(self, key: bytes) -> list[Record]:
         """Live records under `key`, ordered by writer id (the order pages use)."""
         held = self._live(key, self._wall_clock())
-        return [held[s] for s in sorted(held)] if held else []
+        return [held[s] for s in self._writers(key, held)] if held else []
+
+    def _writers(self, key: bytes, held: dict[bytes, Record]) -> list[bytes]:
+        writers = self._sorted.get(key)
+        if writers is None:
+            writers = self._sorted[key] = sorted(held)
+        return writers
 
     def page(
         self, key: bytes, after: bytes | None, budget_bytes: int, max_records: int,
@@ -108,10 +124,13 @@ class RecordStorage(IStorage):
         """
         out: list[Record] = []
         used = 0
-        for record in self.records(key):
-            subkey = record.peer_id.raw
-            if after is not None and subkey <= after:
-                continue
+        held = self._live(key, self._wall_clock())
+        if not held:
+            return out, None
+        writers = self._writers(key, held)
+        first = 0 if after is None else bisect.bisect_right(writers, after)
+        for subkey in writers[first:]:
+            record = held[subkey]
             if skip and (subkey, record.seq) in skip:
                 continue
             size = record.wire_size()
@@ -141,12 +160,20 @@ class RecordStorage(IStorage):
         held = self._data.get(key)
         if held is None:
             return None
-        for subkey in [s for s, r in held.items() if r.expires_at <= now]:
+        if now < self._first_expiry.get(key, float("-inf")):
+            return held
+        expired = [s for s, r in held.items() if r.expires_at <= now]
+        for subkey in expired:
             del held[subkey]
             self._count -= 1
         if not held:
             del self._data[key]
+            self._first_expiry.pop(key, None)
+            self._sorted.pop(key, None)
             return None
+        if expired:
+            self._sorted.pop(key, None)
+        self._first_expiry[key] = min(r.expires_at for r in held.values())
         return held
 
     # -- kademlia.storage.IStorage ------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ import dataclasses
 
 import msgpack
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import petalnode.dht
 from petalnode.dht import (
@@ -197,6 +199,46 @@ def test_pages_cover_all_writers_and_fit_datagrams() -> None:
             break
     assert pages > 1 and {r.peer_id for r in seen} == {w.peer_id for w in writers}
     assert sum(len(b) for b in batch_records(seen)) == 40
+
+
+_WRITERS = [Identity.from_seed(b"m%d" % i) for i in range(6)]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(1, 4), st.integers(1, 30), st.integers(0, 12)),
+                max_size=40))
+def test_storage_reads_agree_with_a_plain_model_through_puts_expiry_and_pages(
+    steps: list[tuple[int, int, int, int]],
+) -> None:
+    """Cached expiry and writer order (the storage's read shortcuts) never change what a read returns."""
+    clock = Clock()
+    storage = RecordStorage(clock, max_records_per_key=4)
+    model: dict[bytes, Record] = {}
+    for writer, seq, ttl, advance in steps:
+        record = Record.create(_WRITERS[writer], key=KEY, value=b"v%d" % seq, expires_at=clock.now + ttl, seq=seq)
+        model = {w: r for w, r in model.items() if r.expires_at > clock.now}
+        old = model.get(record.peer_id.raw)
+        try:
+            stored = storage.put(record)
+        except DHTError:  # full key, newcomer outlives nobody
+            assert old is None and len(model) == 4 and min(r.expires_at for r in model.values()) >= record.expires_at
+        else:
+            assert stored == (old is None or old == record or record.supersedes(old))
+            if old is None and len(model) == 4:
+                victim = min(model.values(), key=lambda r: r.expires_at)
+                del model[victim.peer_id.raw]
+            if stored:
+                model[record.peer_id.raw] = record
+        clock.now += advance
+        live = [model[w] for w in sorted(model) if model[w].expires_at > clock.now]
+        assert storage.records(KEY) == live
+        paged, cursor = [], None
+        while True:
+            page, cursor = storage.page(KEY, cursor, 10_000, 2)
+            paged += page
+            if cursor is None:
+                break
+        assert paged == live
 
 
 def announcement(**overrides: object) -> Announcement:
