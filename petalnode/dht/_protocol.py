@@ -176,7 +176,7 @@ class HardenedProtocol(KademliaProtocol):
         key = parse_key(key)
         source = self._welcome_sender(sender, nodeid)
         neighbors = self.router.find_neighbors(Node(key), exclude=source)
-        return [list(n) for n in neighbors]
+        return [[n.id, n.ip, n.port] for n in neighbors]  # what list(n) gives, without kademlia's iterator
 
     def rpc_find_value(self, sender: Any, nodeid: Any, key: Any, cursor: Any, known: Any) -> dict[str, Any]:
         key = parse_key(key)

@@ -115,7 +115,8 @@ class SwarmView:
         for peer_id, ann in found:
             if ann.model == model:
                 seen.setdefault(peer_id, Counter())[ann] += 1
-        servers = [ServerView.from_announcement(p, c.most_common(1)[0][0]) for p, c in seen.items()]
+        servers = [ServerView.from_announcement(p, next(iter(c)) if len(c) == 1 else c.most_common(1)[0][0])
+                   for p, c in seen.items()]
         return cls.from_servers(num_blocks, servers, model=model)
 
     def without(self, peer_id: PeerId) -> SwarmView:
