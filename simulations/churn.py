@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -546,9 +547,19 @@ class _WarningCounter(logging.Handler):
         self.counts[f"{record.name}: {str(record.msg)[:90]}"] += 1
 
 
+# A simulated swarm is millions of long-lived objects plus a stream of short-lived timers and messages; with the
+# default thresholds the collector keeps re-scanning the long-lived ones (15% of a 300-server run's time).
+SIMULATION_GC_THRESHOLDS = (100_000, 50, 100)
+
+
 def run_scenario(scenario: Scenario) -> dict[str, Any]:
     """Run one scenario in a fresh virtual-time loop and return its metrics."""
-    return run(ChurnSimulation(scenario).run(), epoch_s=1.7e9)
+    previous = gc.get_threshold()
+    gc.set_threshold(*SIMULATION_GC_THRESHOLDS)
+    try:
+        return run(ChurnSimulation(scenario).run(), epoch_s=1.7e9)
+    finally:
+        gc.set_threshold(*previous)
 
 
 def _span(text: str) -> tuple[int, int]:
