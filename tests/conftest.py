@@ -12,6 +12,11 @@ import torch
 
 from tests.tiny_models import build_tiny_model
 
+# Servers (in-process and every process the tests start) compute in fp32, the dtype of the transformers references
+# they are compared with. Without this, a CPU with fast bf16 (AVX512-BF16, AMX) makes the automatic choice bf16
+# and every exactness test compares bf16 servers with fp32 transformers. Tests of the automatic choice unset it.
+os.environ["PETALNODE_DTYPE"] = "fp32"
+
 
 @pytest.fixture(autouse=True)
 def _deterministic_torch() -> None:

@@ -2,7 +2,9 @@
 
 CUDA when available (bf16 where the GPU supports it, else fp16); CPU otherwise. On the CPU the dtype is chosen
 by measurement: bf16 only if a block-sized matmul is clearly faster than fp32 (true on CPUs with AMX/AVX512-BF16,
-false on most others), cached per CPU model so the measurement runs once. Exactness tests always ask for fp32.
+false on most others), cached per CPU model so the measurement runs once. `PETALNODE_DTYPE` (fp32, fp16, bf16 or
+auto) replaces that choice for every process that inherits it, which is how the exactness tests pin fp32 on
+machines where the measurement would pick bf16; an explicit `--dtype` still wins.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def choose_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
+    requested = requested or os.environ.get("PETALNODE_DTYPE") or None
     if requested and requested != "auto":
         return parse_dtype(requested)
     if device.type == "cuda":

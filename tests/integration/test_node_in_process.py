@@ -204,3 +204,40 @@ async def test_malformed_replies_count_as_failures(tiny_model_dir: Path, corrupt
         assert info.num_blocks == 6
     finally:
         await _stop(*([honest] if honest else []), evil, bootstrap)
+
+
+async def test_bf16_servers_compute_in_bf16_and_the_client_reads_them_exactly(tiny_model_dir: Path) -> None:
+    # On CPUs with fast bf16 the automatic dtype is bf16: the swarm must then equal the same bf16 spans run
+    # locally (hidden states cross the wire losslessly), not silently fp32 and not something else.
+    from petalnode.compute import load_block_span, span_forward
+
+    spans = [(0, 3), (3, 6)]
+    bootstrap, servers = await _start_swarm(tiny_model_dir, spans, dtype="bf16")
+    try:
+        assert all(server.hosted.dtype is torch.bfloat16 for server in servers)
+        info = load_model_info(tiny_model_dir)
+        reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+        with torch.no_grad():
+            hidden = reference.model.embed_tokens(ids)
+            for start, end in spans:
+                span = load_block_span(info, start, end, dtype=torch.bfloat16)
+                hidden = span_forward(span, hidden.to(torch.bfloat16)).to(torch.float32)
+            expected = reference.lm_head(reference.model.norm(hidden))
+            fp32_logits = reference(ids).logits
+
+        def forward() -> torch.Tensor:
+            model = AutoDistributedModelForCausalLM.from_pretrained(tiny_model_dir,
+                                                                    bootstrap=[str(bootstrap.address)])
+            try:
+                with torch.no_grad():
+                    return model(ids).logits
+            finally:
+                model.close()
+
+        logits = await asyncio.to_thread(forward)
+        torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+        assert (logits - fp32_logits).abs().max() > 1e-4  # really bf16, not fp32
+        torch.testing.assert_close(logits, fp32_logits, rtol=0.1, atol=0.1)  # and close to the model
+    finally:
+        await _stop(*servers, bootstrap)

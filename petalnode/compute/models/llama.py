@@ -12,7 +12,9 @@ Checkpoint keys: `model.layers.{i}.*` for block i; `model.embed_tokens.weight`, 
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
+import inspect
 import re
 from typing import Any
 
@@ -32,6 +34,13 @@ _FAMILY_CLASSES = {
     "mistral": ("transformers.models.mistral.modeling_mistral", "Mistral"),
     "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2"),
 }
+
+
+@functools.cache
+def _cache_keyword(function: Any) -> str:
+    """The name a transformers function takes the KV cache by: `cache` in newer 5.x (where `past_key_values` is
+    deprecated, to be removed in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
 
 
 def _classes(config: PretrainedConfig) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
@@ -101,13 +110,12 @@ class LlamaBlockSpan(nn.Module):
             "config": self.config,
             "inputs_embeds": hidden_states,
             "attention_mask": None,
-            "past_key_values": cache,
             "position_ids": position_ids,
         }
         masks: dict[str, Any] = {}
         for kind in set(self.mask_kinds):
             builder = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-            masks[kind] = builder(**mask_args)
+            masks[kind] = builder(**mask_args, **{_cache_keyword(builder): cache})
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         prompt_slice = _prompt_positions(prompts, position_ids) if prompts is not None else None
         for index, (layer, kind) in enumerate(zip(self.layers, self.mask_kinds, strict=True)):
@@ -118,8 +126,8 @@ class LlamaBlockSpan(nn.Module):
                 attention_mask=masks[kind],
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=cache,
                 use_cache=cache is not None,
+                **{_cache_keyword(type(layer).forward): cache},
             )
         return hidden_states
 
