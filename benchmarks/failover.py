@@ -43,7 +43,7 @@ def main() -> None:
     results: dict[str, dict] = {}
     started = time.perf_counter()
     with LocalSwarm(None, spans=SPANS + SPANS, threads=args.threads,
-                    extra_args=["--rebalance-period", "0"]) as swarm:
+                    extra_args=["--rebalance-period", "0", "--dtype", "fp32"]) as swarm:  # as the reference
         for position, name in enumerate(("first", "middle", "last")):
             identical, reroutes, failing_step_s, normal_step_s = 0, [], [], []
             for _ in range(args.trials):

@@ -65,6 +65,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--server-threads", type=int, default=2)
+    # fp32 compares like with like (the local model is fp32); "auto" is what `petalnode join` picks on this CPU
+    # (bf16 where it measures clearly faster, e.g. with AVX512-BF16).
+    parser.add_argument("--server-dtype", default="fp32", choices=["fp32", "bf16", "auto"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     info = load_model_info(None)
@@ -77,7 +80,7 @@ def main() -> None:
     }
     started = time.perf_counter()
     with LocalSwarm(None, spans=[(0, 10), (10, 20), (20, 30)], threads=args.server_threads,
-                    extra_args=["--rebalance-period", "0"]) as swarm:
+                    extra_args=["--rebalance-period", "0", "--dtype", args.server_dtype]) as swarm:
         remote = AutoDistributedModelForCausalLM.from_pretrained(None, bootstrap=[swarm.bootstrap_address])
         try:
             _run(remote, prompts[16], 4)  # warm-up: connections, RTT probes, first allocations
@@ -95,7 +98,8 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "swarm",
         "model": info.source.name,
-        "servers": "3 processes on 127.0.0.1, blocks 0-9, 10-19, 20-29, TCP (encrypted), raw fp32 hidden states",
+        "servers": "3 processes on 127.0.0.1, blocks 0-9, 10-19, 20-29, TCP (encrypted), raw hidden states",
+        "server_dtype": args.server_dtype,
         "new_tokens": args.new_tokens,
         "runs": args.runs,
         "threads": {"client_and_local": args.threads, "each_server": args.server_threads,
