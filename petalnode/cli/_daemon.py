@@ -29,8 +29,8 @@ def add_daemon_parsers(commands: argparse._SubParsersAction) -> None:
     group.add_argument("--blocks", default=None, help="host exactly these blocks, START:END (e.g. 10:20)")
     join.add_argument("--listen", default="0.0.0.0:0", help="HOST:PORT to listen on (port 0: any free port)")
     join.add_argument("--public-name", default=None, help="a name shown in `petalnode status`")
-    join.add_argument("--dtype", default=None, help="fp32, fp16, bf16 or auto (default: $PETALNODE_DTYPE, else auto: bf16/fp16 on GPU, "
-                      "measured on CPU)")
+    join.add_argument("--dtype", default=None, help="fp32, fp16, bf16 or auto (default: $PETALNODE_DTYPE, else "
+                      "auto: bf16/fp16 on GPU, measured on CPU)")
     join.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     join.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     join.add_argument("--rebalance-period", type=float, default=120.0, metavar="SECONDS",
