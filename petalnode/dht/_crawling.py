@@ -137,18 +137,68 @@ class RecordSpiderCrawl(_AsyncAlphaMixin, SpiderCrawl):
         self._verify = verify
         self.found: dict[bytes, Record] = {}
         self.rejected = 0
+        # The gate (see `_find_value`): one holder at a time, the pager, pages through the key first.
+        self._pager_active = False
+        self._pager_stalled = False  # a request gave up waiting for the current pager: nobody else waits for it
+        self._paged = False  # some holder has paged its records to us
+        self._pager_event = asyncio.Event()  # set (and replaced) on each of the pager's pages, and when it ends
 
     async def find(self) -> dict[bytes, Record]:
         await self._crawl(self._find_value)
         return self.found
 
-    def _find_value(self, peer: Node, node: Node) -> Awaitable[tuple[bool, Any]]:
-        # Tell each holder what we already have (a fresh salt per request), so the k replicas of a key with many
-        # writers do not each send every record: the first answers fill `found`, later ones add only news.
-        known = KnownRecords.of((writer, record.seq) for writer, record in self.found.items())
-        return self.protocol.call_find_value(peer, node, known)
+    async def _find_value(self, peer: Node, node: Node) -> tuple[bool, Any]:
+        # Each request tells its holder what we already have (a fresh salt per request), so the k replicas of a key
+        # with many writers do not each send every record. Requests sent at once would all carry the same (empty)
+        # filter and page through the same records in lockstep, so one holder, the pager, pages alone while the
+        # other requests wait; they then carry a filter of its records and bring only what it lacked. A pager that
+        # failed, or gave us nothing while we had nothing, hands the role on; one that gives no page within a
+        # quarter of the RPC timeout (or stalls between pages for a whole one) is not waited for.
+        while True:
+            stalled = await self._wait_for_pager()
+            if stalled or self._paged:
+                return await self.protocol.call_find_value(peer, node, self._known())
+            if not self._pager_active:
+                break
+        self._pager_active, self._pager_stalled = True, False
+        try:
+            ok, body = await self.protocol.call_find_value(peer, node, self._known(), on_page=self._pager_page)
+            if ok:  # merged before the gate opens, so the waiters' filters hold these records
+                records, contacts = body
+                # It answered: others now carry a filter of all we have. Only a holder that gave us nothing while
+                # we had nothing (it does not hold the key, or sent only invalid records) hands the role on.
+                self._paged = self.merge(records) > 0 or bool(self.found)
+                body = ([], contacts)
+            return ok, body
+        finally:
+            self._pager_active = False
+            self._pager_page()
 
-    def merge(self, records: list[Record]) -> None:
+    def _known(self) -> KnownRecords | None:
+        return KnownRecords.of((writer, record.seq) for writer, record in self.found.items())
+
+    def _pager_page(self) -> None:
+        event, self._pager_event = self._pager_event, asyncio.Event()
+        event.set()
+
+    async def _wait_for_pager(self) -> bool:
+        """Wait while a pager is at work; True if it stalled (then ask without waiting any longer)."""
+        patience = SLOW_CALL_FRACTION * self.protocol._wait_timeout  # until its first page
+        while self._pager_active:
+            if self._pager_stalled:
+                return True
+            try:
+                async with asyncio.timeout(patience):
+                    await self._pager_event.wait()
+            except TimeoutError:
+                self._pager_stalled = True
+                return True
+            patience = self.protocol._wait_timeout  # until its next page
+        return False
+
+    def merge(self, records: list[Record]) -> int:
+        """Keep the newest verified record per writer; returns how many records were taken."""
+        taken = 0
         for record in records:
             subkey = record.peer_id.raw
             held = self.found.get(subkey)
@@ -160,6 +210,8 @@ class RecordSpiderCrawl(_AsyncAlphaMixin, SpiderCrawl):
                 self.rejected += 1
                 continue
             self.found[subkey] = record
+            taken += 1
+        return taken
 
     def _on_answer(self, body: Any) -> None:
         records, contacts = body

@@ -285,12 +285,14 @@ class HardenedProtocol(KademliaProtocol):
         return [c for c in contacts if c[0] != self.source_node.id]
 
     async def call_find_value(
-        self, node_to_ask: Node, node_to_find: Node, known: KnownRecords | None = None
+        self, node_to_ask: Node, node_to_find: Node, known: KnownRecords | None = None,
+        on_page: Callable[[], None] | None = None,
     ) -> tuple[bool, Any]:
         """The live records `node_to_ask` holds for the key (following pages), and its closest contacts.
 
         Args:
             known: (writer, seq) pairs we already have; the holder leaves those out (see `_known`).
+            on_page: called after each page that arrived (the crawl's gate uses it to tell a live holder).
         Returns:
             (True, (records, contacts)) or (False, None). Records are parsed, not yet verified.
         """
@@ -305,6 +307,8 @@ class HardenedProtocol(KademliaProtocol):
             )
             if not ok:
                 return (False, None) if page_number == 0 else (True, (records, contacts))
+            if on_page is not None:
+                on_page()
             page_records, page_contacts, next_cursor = page
             records.extend(page_records)
             contacts.extend(page_contacts)

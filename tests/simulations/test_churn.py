@@ -15,9 +15,10 @@ import pytest
 from simulations.churn import Scenario, run_scenario
 
 # The CI scenario uses a small model (8 blocks: one DHT key), Kademlia k=8, a 180 s record ttl and a 300 s
-# rebalancing period; everything else is the node's defaults. Measured on the shared 2-core machine: 83-91 s real
-# with one other busy process (it was about 260 s quiet before grouped DHT keys, the signature cache, quiet-only
-# keepalives and idle-connection closing); 650-670 generations, 10-15 reroutes per run.
+# rebalancing period; everything else is the node's defaults. Measured on the shared 2-core machine: 26-30 s real
+# with one other busy process (42 s before one replica at a time pages a key through, 83-91 s before that, about
+# 260 s before grouped DHT keys, the signature cache, quiet-only keepalives and idle-connection closing);
+# 650-670 generations, 10-15 reroutes per run.
 CI_SCENARIO = Scenario(
     servers=30,
     clients=10,
