@@ -130,23 +130,27 @@ async def measure_swarm_views(
             "datagrams_per_server": round((network.datagrams_sent - sent) / servers, 1),
             "cpu_ms_per_server": round((time.process_time() - cpu) * 1000 / servers, 2),
         }
-        per_view: list[tuple[int, float, int | None]] = []
+        per_view: list[tuple[int, float, int | None, int]] = []
         complete = 0
         _reset_verified_cache(-1)  # a reader with an empty cache: the first view verifies, later ones remember
         for _ in range(views):
             sent, cpu, checked = network.datagrams_sent, time.process_time(), _verifications()
+            sent_bytes = network.datagram_bytes_sent
             view = await fetch_swarm(reader, MODEL, num_blocks)
             after = _verifications()
             per_view.append((network.datagrams_sent - sent, time.process_time() - cpu,
-                             None if checked is None or after is None else after - checked))
+                             None if checked is None or after is None else after - checked,
+                             network.datagram_bytes_sent - sent_bytes))
             complete += {(s.start, s.end) for s in view.servers.values()} == set(spans) and len(view.servers) == servers
         first, repeats = per_view[0], per_view[1:] or per_view
         view_result = {
             "measure": "swarm_view", "num_nodes": num_nodes, "servers": servers, "num_blocks": num_blocks,
             "span": list(span), "views": views, "complete_views": complete,
-            "first_view": {"datagrams": first[0], "cpu_ms": round(first[1] * 1000, 1), "verifications": first[2]},
+            "first_view": {"datagrams": first[0], "kib": round(first[3] / 1024, 1), "cpu_ms": round(first[1] * 1000, 1),
+                           "verifications": first[2]},
             "repeat_view": {
                 "datagrams": statistics.median(v[0] for v in repeats),
+                "kib": round(statistics.median(v[3] for v in repeats) / 1024, 1),
                 "cpu_ms": round(statistics.median(v[1] for v in repeats) * 1000, 1),
                 "verifications": None if first[2] is None else statistics.median(v[2] or 0 for v in repeats),
             },
@@ -165,7 +169,8 @@ async def _main(quick: bool) -> None:
     # (DHT nodes, servers, model blocks, span lengths): the CI churn scenario's shape, a mid-size and a 70B-like model.
     configs = [(100, 30, 8, (2, 4))]
     if not quick:
-        configs = [(200, 30, 8, (2, 4)), (200, 60, 32, (4, 12)), (200, 100, 80, (8, 40))]
+        # ... and every DHT node a server of a 32-block model (the 1,000-server simulation's shape, smaller).
+        configs = [(200, 30, 8, (2, 4)), (200, 60, 32, (4, 12)), (200, 100, 80, (8, 40)), (400, 400, 32, (4, 8))]
     for num_nodes, servers, num_blocks, span in configs:
         for result in await measure_swarm_views(num_nodes, servers, num_blocks, span):
             print(json.dumps(result), flush=True)
