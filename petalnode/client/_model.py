@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,9 @@ from petalnode.client._chain import BlockChain, ChainSession, LocalBlockChain
 from petalnode.client._ptune import PromptTuning
 from petalnode.compute import ModelInfo, load_client_head, load_model_info
 from petalnode.errors import BadRequestError, InvalidStateError
+
+# transformers 5.x renamed the outputs' `past_key_values` field to `cache` (the old name warns on every generate).
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 @dataclass
@@ -184,7 +187,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        cache = kwargs.get("cache", past_key_values)  # newer transformers 5.x pass (and name) it `cache`
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_OUTPUT_CACHE_FIELD: cache})
 
     def _hidden_states(
         self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
