@@ -174,6 +174,8 @@ class MemoryNetwork:
         self.default_link = default_link or LinkConfig()
         self._links: dict[tuple[str, str], LinkConfig] = {}
         self._directions: dict[tuple[str, str], _LinkDirection] = {}
+        # host -> the directions it is an end of, so a kill touches only its own links (not every pair of a swarm)
+        self._directions_of: dict[str, list[_LinkDirection]] = {}
         self._random = random.Random(seed)
         self._partitioned: set[str] = set()
         self._datagram_endpoints: dict[Address, MemoryDatagramTransport] = {}
@@ -227,9 +229,8 @@ class MemoryNetwork:
             endpoint.close()
         for hook in hooks:
             hook()
-        for (src, dst), direction in self._directions.items():
-            if host in (src, dst):
-                direction.clear()
+        for direction in self._directions_of.get(host, ()):
+            direction.clear()
         self._held = [h for h in self._held if host not in (h[0].src, h[0].dst)]
 
     async def _wait_reachable(self, src: str, dst: str) -> None:
@@ -245,6 +246,9 @@ class MemoryNetwork:
         direction = self._directions.get((src, dst))
         if direction is None:
             direction = self._directions[(src, dst)] = _LinkDirection(self, src, dst)
+            self._directions_of.setdefault(src, []).append(direction)
+            if dst != src:
+                self._directions_of.setdefault(dst, []).append(direction)
         return direction
 
     def _send_reliable(self, src: str, dst: str, nbytes: int, deliver: Callable[[], None]) -> float:
