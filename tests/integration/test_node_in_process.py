@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from petalnode.client import AutoDistributedModelForCausalLM
-from petalnode.compute import load_model_info
+from petalnode.compute import load_block_span, load_model_info, span_forward
 from petalnode.dht import ServerState
 from petalnode.errors import BadRequestError, OutOfCacheMemoryError
 from petalnode.identity import PeerAddress
@@ -209,8 +209,6 @@ async def test_malformed_replies_count_as_failures(tiny_model_dir: Path, corrupt
 async def test_bf16_servers_compute_in_bf16_and_the_client_reads_them_exactly(tiny_model_dir: Path) -> None:
     # On CPUs with fast bf16 the automatic dtype is bf16: the swarm must then equal the same bf16 spans run
     # locally (hidden states cross the wire losslessly), not silently fp32 and not something else.
-    from petalnode.compute import load_block_span, span_forward
-
     spans = [(0, 3), (3, 6)]
     bootstrap, servers = await _start_swarm(tiny_model_dir, spans, dtype="bf16")
     try:

@@ -12,7 +12,6 @@ Checkpoint keys: `model.layers.{i}.*` for block i; `model.embed_tokens.weight`, 
 from __future__ import annotations
 
 import copy
-import functools
 import importlib
 import inspect
 import re
@@ -36,11 +35,14 @@ _FAMILY_CLASSES = {
 }
 
 
-@functools.cache
 def _cache_keyword(function: Any) -> str:
     """The name a transformers function takes the KV cache by: `cache` in newer 5.x (where `past_key_values` is
-    deprecated, to be removed in 5.40), `past_key_values` before."""
+    deprecated, to be removed in 5.40), `past_key_values` before. Read once, not per forward."""
     return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
+
+
+_MASK_CACHE_KEYWORD = {builder: _cache_keyword(builder)
+                       for builder in (create_causal_mask, create_sliding_window_causal_mask)}
 
 
 def _classes(config: PretrainedConfig) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
@@ -83,6 +85,7 @@ class LlamaBlockSpan(nn.Module):
         self.layers = layers
         self.rotary_emb = rotary
         self.mask_kinds = _mask_kinds(config)[start:end]
+        self._layer_cache_keyword = _cache_keyword(type(layers[0]).forward) if len(layers) else "past_key_values"
 
     def subspan(self, start: int, end: int) -> LlamaBlockSpan:
         """A view of blocks [start, end) sharing this span's layers (no weights copied)."""
@@ -115,7 +118,7 @@ class LlamaBlockSpan(nn.Module):
         masks: dict[str, Any] = {}
         for kind in set(self.mask_kinds):
             builder = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-            masks[kind] = builder(**mask_args, **{_cache_keyword(builder): cache})
+            masks[kind] = builder(**mask_args, **{_MASK_CACHE_KEYWORD[builder]: cache})
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         prompt_slice = _prompt_positions(prompts, position_ids) if prompts is not None else None
         for index, (layer, kind) in enumerate(zip(self.layers, self.mask_kinds, strict=True)):
@@ -127,7 +130,7 @@ class LlamaBlockSpan(nn.Module):
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
                 use_cache=cache is not None,
-                **{_cache_keyword(type(layer).forward): cache},
+                **{self._layer_cache_keyword: cache},
             )
         return hidden_states
 
