@@ -16,6 +16,7 @@ import pytest
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "prompt_tune_classification.py"
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_the_example_trains_and_reports_progress(tiny_model_dir: Path) -> None:
     env = {**os.environ, "PETALNODE_NUM_THREADS": "1"}

@@ -11,7 +11,7 @@ from petalnode.dht import Announcement, DHTNode, ServerState
 from petalnode.identity import Identity
 from petalnode.transport import MemoryNetwork
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 NUM_NODES = 50
 NUM_SERVERS = 35

@@ -11,7 +11,7 @@ from petalnode.identity import Identity
 from petalnode.transport import MemoryNetwork
 from tests.integration.test_dht_swarm import WallClock, announcement, start_swarm
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 NUM_NODES = 40
 KSIZE = 8
