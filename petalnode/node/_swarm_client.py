@@ -11,6 +11,9 @@ for exactly that hop's blocks (possibly several servers), replays the kept input
 rebuild its caches, and retries the step. Positions are explicit in every step, so a replacement continues at
 the exact position, and greedy output is identical to a run without failures.
 
+Whose fault an error is, and so who is banned and when to give up, is decided in `_failover.py` (pure); this
+module gathers the facts and does the I/O. A step the session cannot take is refused here before sending.
+
 Training passes (`forward` with a trace, then `backward`) are stateless on servers: the trace keeps each hop's
 input, so the backward of a hop whose server died is recomputed by any other server(s) hosting those blocks.
 """
@@ -44,7 +47,6 @@ from petalnode.errors import (
 from petalnode.identity import Identity, PeerAddress, PeerId
 from petalnode.node._bans import BanList
 from petalnode.node._failover import (
-    MAX_FAILOVERS,
     Attempts,
     GiveUp,
     Phase,
@@ -80,7 +82,6 @@ OPEN_TIMEOUT_S = 15.0
 RTT_PROBE_TIMEOUT_S = 2.0
 WAIT_FOR_BLOCKS_S = 60.0
 SWARM_VIEW_MAX_AGE_S = 10.0
-MAX_FAILOVERS_PER_STEP = MAX_FAILOVERS
 # Positions (batch x sequence) in one forward/backward request; servers refuse more (MAX_FORWARD_TOKENS).
 MAX_PASS_TOKENS = 8192
 
