@@ -3,9 +3,11 @@
 from petalnode.compute._budget import (
     DEFAULT_CACHE_TOKENS_PER_BLOCK,
     BlockPlan,
+    ServePlan,
     format_size,
     parse_size,
     plan_blocks,
+    plan_serving,
 )
 from petalnode.compute._device import choose_device, choose_dtype, configure_threads, parse_dtype
 from petalnode.compute._family import FamilyAdapter, adapter_for
@@ -33,6 +35,7 @@ __all__ = [
     "LoraAdapter",
     "ModelInfo",
     "ModelSource",
+    "ServePlan",
     "SessionManager",
     "active_adapter",
     "adapter_for",
@@ -50,6 +53,7 @@ __all__ = [
     "parse_dtype",
     "parse_size",
     "plan_blocks",
+    "plan_serving",
     "resolve_model",
     "span_adapters",
     "span_backward",

@@ -106,3 +106,72 @@ def plan_blocks(
         cache_bytes=int(budget_bytes - activation_bytes - weights),
         activation_bytes=int(activation_bytes),
     )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServePlan:
+    """What a server hosts and how much memory its KV cache gets.
+
+    Attributes:
+        num_blocks: how many blocks to host (placement chooses which, unless the blocks were fixed).
+        cache_budget_bytes: the KV-cache budget of the hosted span's sessions.
+    """
+
+    num_blocks: int
+    cache_budget_bytes: int
+
+
+def plan_serving(
+    *,
+    model: str,
+    total_blocks: int,
+    block_weight_bytes: int,
+    kv_bytes_per_token_per_block: int,
+    activation_bytes: int,
+    vram_bytes: int | None,
+    num_blocks: int | None = None,
+    blocks: tuple[int, int] | None = None,
+    cache_tokens_per_block: int = DEFAULT_CACHE_TOKENS_PER_BLOCK,
+) -> ServePlan:
+    """The memory plan of a server, from the model's sizes (for the serving dtype) and the user's options.
+
+    Args:
+        model: the model's name, for messages.
+        total_blocks: blocks in the model.
+        block_weight_bytes, kv_bytes_per_token_per_block, activation_bytes: sizes of one block's weights, of
+            one token of KV cache in one block, and of the working memory of one forward chunk.
+        vram_bytes: the budget for weights, cache and working memory; None: the blocks wanted (all if not
+            given) each with a reserve of `cache_tokens_per_block` tokens of cache.
+        num_blocks: host this many blocks; None: as many as the budget allows.
+        blocks: host exactly [start, end).
+        cache_tokens_per_block: the cache reserve of each block.
+
+    Raises:
+        ConfigError: `blocks` or `num_blocks` outside the model.
+        OutOfCacheMemoryError: the blocks wanted do not fit in `vram_bytes` (the message says how much is needed).
+    """
+    if blocks is not None:
+        start, end = blocks
+        if not 0 <= start < end <= total_blocks:
+            raise ConfigError(f"--blocks {start}:{end} is outside the model's 0:{total_blocks}")
+        wanted: int | None = end - start
+    else:
+        wanted = num_blocks
+        if wanted is not None and not 1 <= wanted <= total_blocks:
+            raise ConfigError(f"--num-blocks must be between 1 and {total_blocks}, got {wanted}")
+    if vram_bytes is None:
+        count = wanted or total_blocks
+        cache = count * cache_tokens_per_block * kv_bytes_per_token_per_block
+        return ServePlan(num_blocks=count, cache_budget_bytes=cache)
+    plan = plan_blocks(
+        vram_bytes, block_weight_bytes=block_weight_bytes, kv_bytes_per_token_per_block=kv_bytes_per_token_per_block,
+        total_blocks=total_blocks, activation_bytes=activation_bytes, cache_tokens_per_block=cache_tokens_per_block,
+    )
+    if wanted is not None and wanted > plan.num_blocks:
+        need = wanted * (block_weight_bytes + cache_tokens_per_block * kv_bytes_per_token_per_block) + activation_bytes
+        raise OutOfCacheMemoryError(
+            f"{wanted} blocks of {model} need about {format_size(need)} but --vram gives "
+            f"{format_size(vram_bytes)} (room for {plan.num_blocks}); raise --vram or host fewer blocks"
+        )
+    count = wanted or plan.num_blocks
+    return ServePlan(num_blocks=count, cache_budget_bytes=vram_bytes - activation_bytes - count * block_weight_bytes)

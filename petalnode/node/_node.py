@@ -27,16 +27,15 @@ from typing import Any
 import torch
 
 from petalnode import __version__
-from petalnode.compute import DEFAULT_CACHE_TOKENS_PER_BLOCK, ModelInfo, SessionManager, format_size, plan_blocks
+from petalnode.compute import DEFAULT_CACHE_TOKENS_PER_BLOCK, ModelInfo, ServePlan, SessionManager, plan_serving
 from petalnode.dht import MAX_ADAPTERS, Announcement, DHTNode, ServerState, block_keys
-from petalnode.errors import ClosedResourceError, ConfigError, DHTError, InvalidStateError, OutOfCacheMemoryError
+from petalnode.errors import ClosedResourceError, ConfigError, DHTError, InvalidStateError
 from petalnode.identity import Identity, PeerAddress
 from petalnode.node._backend import ComputeBackend, TorchBackend, split_adapter_spec
 from petalnode.node._block_server import BlockServer, HostedSpan
-from petalnode.node._placement import choose_blocks, should_move
+from petalnode.node._placement import choose_blocks, join_recheck_waits, rebalance_target
 from petalnode.node._signaling import NatOptions, Signaling
 from petalnode.node._swarm import fetch_swarm
-from petalnode.node._swarm_view import SERVING_STATES
 from petalnode.transport import RPC, TcpTransport, Transport
 
 log = logging.getLogger(__name__)
@@ -45,8 +44,17 @@ log = logging.getLogger(__name__)
 DEFAULT_RECORD_TTL_S = 60.0
 OFFLINE_ANNOUNCE_TIMEOUT_S = 3.0
 IDLE_SWEEP_PERIOD_S = 5.0
-JOIN_RECHECKS = 2
 _PORT_ATTEMPTS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class _ServeState:
+    """What a server decided at start and reuses for every (re)load: model, device, dtype and memory plan."""
+
+    info: ModelInfo
+    device: torch.device
+    dtype: torch.dtype
+    plan: ServePlan
 
 
 class NodeState(enum.Enum):
@@ -149,7 +157,7 @@ class Node:
         self._joining: tuple[str, int, int] | None = None
         self.reloads = 0  # how many times this node loaded blocks (1 at start, +1 per rebalancing move)
         self._rng = random.Random()
-        self._plan_state: tuple[Any, Any, Any, int, int] | None = None
+        self._serve_state: _ServeState | None = None
 
     # -- properties ---------------------------------------------------------------------------------------
     @property
@@ -251,15 +259,20 @@ class Node:
         model = info.source.name
         device, dtype = compute.choose(options.device, options.dtype)
         _check_adapter_specs(options.adapters, compute)
-        count, cache_bytes = _plan(info, options, dtype)
+        plan = plan_serving(
+            model=model, total_blocks=info.num_blocks, block_weight_bytes=info.block_weight_bytes(0, dtype),
+            kv_bytes_per_token_per_block=info.kv_bytes_per_token_per_block(dtype),
+            activation_bytes=info.activation_bytes(dtype), vram_bytes=options.vram_bytes,
+            num_blocks=options.num_blocks, blocks=options.blocks, cache_tokens_per_block=options.cache_tokens_per_block,
+        )
+        count = plan.num_blocks
         start, end = await self._choose_window(info, options, count, rng)
         announce = self._announcement_factory(model)
         self._joining = (model, start, end)
         await self.dht.store_many(_keys(model, start, end), announce(ServerState.JOINING, start, end, 0.0, 0))
-        for _ in range(JOIN_RECHECKS if options.blocks is None and options.join_jitter_s > 0 else 0):
-            # Servers that start together all saw the same swarm; wait a little and look again. Twice, since a
-            # peer that announced after our first look is only seen at the second.
-            await asyncio.sleep(rng.uniform(0.5, 1.0) * options.join_jitter_s)
+        for wait_s in join_recheck_waits(jitter_s=options.join_jitter_s, fixed_blocks=options.blocks is not None,
+                                         rng=rng):
+            await asyncio.sleep(wait_s)
             new_start, new_end = await self._choose_window(info, options, count, rng)
             if (new_start, new_end) != (start, end):
                 log.info("placement changed after re-check: %d:%d -> %d:%d", start, end, new_start, new_end)
@@ -271,7 +284,7 @@ class Node:
                                           announce(ServerState.JOINING, start, end, 0.0, 0))
         self._executor = compute.executor()
         self._rng = rng
-        self._plan_state = (info, device, dtype, cache_bytes, count)
+        self._serve_state = _ServeState(info=info, device=device, dtype=dtype, plan=plan)
         hosted, sessions = await self._load(start, end)
         self.hosted, self._sessions = hosted, sessions
         self._server = BlockServer(hosted, sessions, self._executor)
@@ -286,9 +299,9 @@ class Node:
     async def _load(self, start: int, end: int) -> tuple[HostedSpan, SessionManager]:
         """Load blocks [start, end), measure them, and give them a session manager with the cache budget."""
         compute = self.compute
-        info, device, dtype, cache_bytes, _ = self._plan_state
-        options = self.serve_options
-        assert options is not None
+        state, options = self._serve_state, self.serve_options
+        assert state is not None and options is not None
+        info, device, dtype, cache_bytes = state.info, state.device, state.dtype, state.plan.cache_budget_bytes
         log.info("loading blocks %d:%d of %s (%s, %s)", start, end, info.source.name, device, dtype)
         progress = self._progress
 
@@ -340,23 +353,14 @@ class Node:
                 continue
             try:
                 view = await fetch_swarm(self.dht, hosted.model, self.model_info.num_blocks)
-                if self.identity.peer_id not in view.servers:
-                    # Our own announcement was not found (we are cut off, or our last store reached none of the
-                    # key's holders yet): there is nothing to weigh a move against; look again next period.
-                    log.info("rebalance check skipped: our own announcement is not in the swarm view")
-                    continue
-                twins = [s.peer_id for s in view.servers.values()
-                         if (s.start, s.end) == (hosted.start, hosted.end) and s.state in SERVING_STATES]
-                if max(twins, default=self.identity.peer_id) > self.identity.peer_id:
-                    # Servers on exactly our blocks would all see the same gain and all move (a herd, leaving
-                    # our blocks empty); only the one with the highest peer id considers moving.
-                    continue
-                target = should_move(view, self.identity.peer_id, rng=self._rng)
             except DHTError as e:
                 log.warning("rebalance check failed: %s", e)
                 continue
-            if target is not None and target != (hosted.start, hosted.end):
-                await self._move_to(*target)
+            decision = rebalance_target(view, self.identity.peer_id, hosted=(hosted.start, hosted.end), rng=self._rng)
+            if decision.target is not None:
+                await self._move_to(*decision.target)
+            elif decision.skipped:
+                log.info("rebalance check skipped: %s", decision.reason)
 
     async def _move_to(self, start: int, end: int) -> None:
         """Load the new blocks while still serving the old ones, switch, then hand old sessions back."""
@@ -477,38 +481,6 @@ def _check_adapter_specs(specs: tuple[str, ...], compute: ComputeBackend) -> Non
         raise ConfigError(f"the compute backend {type(compute).__name__} cannot load LoRA adapters")
     for spec in specs:
         split_adapter_spec(spec)
-
-
-def _plan(info: ModelInfo, options: ServeOptions, dtype: torch.dtype) -> tuple[int, int]:
-    """(number of blocks, cache budget bytes) for these options."""
-    per_block = info.block_weight_bytes(0, dtype)
-    kv = info.kv_bytes_per_token_per_block(dtype)
-    activations = info.activation_bytes(dtype)
-    if options.blocks is not None:
-        start, end = options.blocks
-        if not 0 <= start < end <= info.num_blocks:
-            raise ConfigError(f"--blocks {start}:{end} is outside the model's 0:{info.num_blocks}")
-        wanted = end - start
-    else:
-        wanted = options.num_blocks
-        if wanted is not None and not 1 <= wanted <= info.num_blocks:
-            raise ConfigError(f"--num-blocks must be between 1 and {info.num_blocks}, got {wanted}")
-    if options.vram_bytes is None:
-        count = wanted or info.num_blocks
-        return count, count * options.cache_tokens_per_block * kv
-    plan = plan_blocks(
-        options.vram_bytes, block_weight_bytes=per_block, kv_bytes_per_token_per_block=kv,
-        total_blocks=info.num_blocks, activation_bytes=activations,
-        cache_tokens_per_block=options.cache_tokens_per_block,
-    )
-    if wanted is not None and wanted > plan.num_blocks:
-        need = wanted * (per_block + options.cache_tokens_per_block * kv) + activations
-        raise OutOfCacheMemoryError(
-            f"{wanted} blocks of {info.source.name} need about {format_size(need)} but --vram gives "
-            f"{format_size(options.vram_bytes)} (room for {plan.num_blocks}); raise --vram or host fewer blocks"
-        )
-    count = wanted or plan.num_blocks
-    return count, options.vram_bytes - activations - count * per_block
 
 
 def _announce_host_for(listen_host: str, bootstrap: Sequence[PeerAddress]) -> str:

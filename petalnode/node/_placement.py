@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Iterator
 
 from petalnode.dht import ServerState
 from petalnode.identity import PeerId
@@ -169,3 +170,53 @@ def _keeps_duplicate(view: SwarmView, own: ServerView, k: int) -> bool:
         rest = rest.without(twin)
     keys = _window_keys(_levels(rest), k)
     return keys[own.start] == min(keys)
+
+
+JOIN_RECHECKS = 2
+"""Re-checks of a joining server's choice: a peer that announced after our first look is only seen at the second."""
+
+
+def join_recheck_waits(*, jitter_s: float, fixed_blocks: bool, rng: random.Random) -> Iterator[float]:
+    """The waits (seconds) before each re-check of a joining server's window; none if its blocks are fixed.
+
+    Servers that start together all saw the same swarm; each waits a random part of `jitter_s` and looks again.
+    Lazy: each wait is drawn from `rng` only when the previous re-check is done, so the draws interleave with the
+    re-checks' own use of `rng` (placement is reproducible for a given seed).
+    """
+    if fixed_blocks or jitter_s <= 0:
+        return
+    for _ in range(JOIN_RECHECKS):
+        yield rng.uniform(0.5, 1.0) * jitter_s
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Rebalance:
+    """A periodic rebalancing check's outcome: `target` to move to, or None to stay (`reason` says why);
+    `skipped`: the check could not be made at all (worth telling the operator)."""
+
+    target: tuple[int, int] | None
+    reason: str
+    skipped: bool = False
+
+
+def rebalance_target(
+    view: SwarmView, own_peer_id: PeerId, *, hosted: tuple[int, int], rng: random.Random,
+    min_improvement: float = MIN_IMPROVEMENT,
+) -> Rebalance:
+    """Should a server hosting `hosted` move? The rules around `should_move`, in order:
+
+    1. Our own announcement is not in the view (we are cut off, or our last store reached none of the key's
+       holders yet): there is nothing to weigh a move against; stay and look again next period.
+    2. Of the serving servers on exactly our blocks, only the one with the highest peer id considers moving:
+       they would all see the same gain and all move (a herd, leaving our blocks empty).
+    3. Otherwise `should_move` decides (with hysteresis); a target equal to `hosted` is staying.
+    """
+    if own_peer_id not in view.servers:
+        return Rebalance(None, "our own announcement is not in the swarm view", skipped=True)
+    twins = [s.peer_id for s in view.servers.values() if (s.start, s.end) == hosted and s.state in SERVING_STATES]
+    if max(twins, default=own_peer_id) > own_peer_id:
+        return Rebalance(None, "a server with a higher peer id hosts the same blocks")
+    target = should_move(view, own_peer_id, min_improvement=min_improvement, rng=rng)
+    if target is None or target == hosted:
+        return Rebalance(None, "no clear gain")
+    return Rebalance(target, "the swarm gains")

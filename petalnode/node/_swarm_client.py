@@ -11,6 +11,9 @@ for exactly that hop's blocks (possibly several servers), replays the kept input
 rebuild its caches, and retries the step. Positions are explicit in every step, so a replacement continues at
 the exact position, and greedy output is identical to a run without failures.
 
+Whose fault an error is, and so who is banned and when to give up, is decided in `_failover.py` (pure); this
+module gathers the facts and does the I/O. A step the session cannot take is refused here before sending.
+
 Training passes (`forward` with a trace, then `backward`) are stateless on servers: the trace keeps each hop's
 input, so the backward of a hop whose server died is recomputed by any other server(s) hosting those blocks.
 """
@@ -36,14 +39,25 @@ from petalnode.errors import (
     CodecError,
     DHTError,
     InvalidStateError,
+    LocalProtocolError,
     NoRouteError,
     PetalnodeError,
-    RemoteError,
     RemoteProtocolError,
-    TransportError,
 )
 from petalnode.identity import Identity, PeerAddress, PeerId
 from petalnode.node._bans import BanList
+from petalnode.node._failover import (
+    Attempts,
+    GiveUp,
+    Phase,
+    Propagate,
+    accepted,
+    next_action,
+    no_second_opinion,
+    retry_original_server,
+    route_retry_delay_s,
+    view_needs_refresh,
+)
 from petalnode.node._protocol import (
     BackwardRequest,
     BackwardResult,
@@ -68,11 +82,8 @@ OPEN_TIMEOUT_S = 15.0
 RTT_PROBE_TIMEOUT_S = 2.0
 WAIT_FOR_BLOCKS_S = 60.0
 SWARM_VIEW_MAX_AGE_S = 10.0
-MAX_FAILOVERS_PER_STEP = 8
 # Positions (batch x sequence) in one forward/backward request; servers refuse more (MAX_FORWARD_TOKENS).
 MAX_PASS_TOKENS = 8192
-# Errors after which a server is banned and routed around. Anything else is a bug on our side and propagates.
-HOP_FAILURES = (TransportError, RemoteError, RemoteProtocolError, CodecError, TimeoutError)
 
 
 @dataclass
@@ -86,6 +97,8 @@ class _Hop:
     # Hidden states sent to this hop for positions [0, position): [batch, position, hidden].
     inputs: torch.Tensor | None = None
     failures: int = field(default=0)
+    # The stream failed and the hop was not replaced yet (replaced before its next use, see SwarmSession.step).
+    broken: bool = False
 
     def remember(self, hidden: torch.Tensor, start_position: int) -> None:
         if self.inputs is None or start_position == 0:
@@ -94,8 +107,17 @@ class _Hop:
             self.inputs = torch.cat([self.inputs[:, :start_position], hidden], dim=1)
 
 
+class _ReplayFailed(Exception):
+    """A replacement hop failed while its cache was being rebuilt; `error` is what its server call raised."""
+
+    def __init__(self, peer_id: PeerId, error: Exception) -> None:
+        super().__init__(f"replay through {peer_id} failed: {error}")
+        self.peer_id = peer_id
+        self.error = error
+
+
 class SwarmSession:
-    """An inference session through a route of servers, with failover."""
+    """An inference session through a route of servers, with failover (decisions in `_failover.py`)."""
 
     def __init__(
         self, client: SwarmClient, max_length: int, batch_size: int, *, adapter: str | None = None,
@@ -110,62 +132,115 @@ class SwarmSession:
         self.position = 0
         self.reroutes = 0
         self.closed = False
+        # (batch, hidden size) of the steps so far: servers refuse a change of either mid-session.
+        self._shape: tuple[int, int] | None = None
 
     async def open(self) -> None:
         self.hops = await self._client._open_hops(0, self._client.num_blocks, self.max_length, self.batch_size,
                                                   adapter=self.adapter, prompts=self.prompts)
 
     async def step(self, hidden: torch.Tensor, start_position: int | None = None) -> torch.Tensor:
-        """[batch, n, hidden] at positions [start, start + n) through every block; returns the last block's output."""
+        """[batch, n, hidden] at positions [start, start + n) through every block; returns the last block's output.
+
+        Raises:
+            BadRequestError: the step does not fit the session (past max_length, wrong batch or shape, a start
+                beyond the cache), checked here before anything is sent; or two servers refused it as bad.
+                No server is banned for either.
+            NoRouteError: the step failed over too often, or some blocks have no usable server.
+        """
         if self.closed:
             raise InvalidStateError('cannot step a session in state "closed"')
         start = self.position if start_position is None else start_position
-        if not 0 <= start <= self.position:
-            raise PetalnodeError(f"cannot step at position {start}: the session holds {self.position} tokens")
+        self._check_step(hidden, start)
+        what = f"the step at positions {start}-{start + hidden.shape[1] - 1} of {self._client.model}"
         index = 0
-        failovers = 0
+        attempts = Attempts()
+        avoid: frozenset[PeerId] = frozenset()
         while index < len(self.hops):
             hop = self.hops[index]
             try:
+                if hop.broken:
+                    await self._replace(index, avoid=avoid)
+                    continue
                 output = await self._client._send_step(hop, hidden, start)
-            except HOP_FAILURES as e:
-                failovers += 1
-                if failovers > MAX_FAILOVERS_PER_STEP:
+            except NoRouteError as e:
+                error = no_second_opinion(attempts, e)
+                if error is e:
                     raise
-                await self._replace(index, e)
+                raise error from e
+            except Exception as e:
+                peer, cause = (e.peer_id, e.error) if isinstance(e, _ReplayFailed) else (hop.peer_id, e)
+                action = next_action(attempts, cause, phase=Phase.STEP, peer=peer, blocks=(hop.start, hop.end),
+                                     what=what)
+                if isinstance(action, Propagate):
+                    if cause is e:
+                        raise
+                    raise cause from None
+                hop.broken = True
+                self._client._ban(action.ban, f"step through blocks {hop.start}-{hop.end - 1}", cause)
+                if isinstance(action, GiveUp):
+                    raise action.error from cause
+                attempts, avoid = action.attempts, action.avoid
                 continue
             hop.remember(hidden, start)
             self._client.bans.succeeded(hop.peer_id)
+            refusers, attempts = accepted(attempts)
+            avoid = frozenset()
+            for peer in refusers:
+                self._client._ban(peer, "refusing a step another server accepted", None)
             hidden = output
             index += 1
         self.position = start + hidden.shape[1]
+        self._shape = (hidden.shape[0], hidden.shape[2])
         return hidden
 
-    async def _replace(self, index: int, error: BaseException) -> None:
-        """Swap hop `index` for a fresh route over its blocks and replay its inputs through it."""
+    def _check_step(self, hidden: torch.Tensor, start: int) -> None:
+        """Refuse a step the session cannot take, here and with no server involved (so nobody is banned for it)."""
+        if hidden.ndim != 3 or not hidden.is_floating_point() or hidden.shape[1] < 1:
+            raise BadRequestError(f"hidden states must be a float tensor [batch, n >= 1, hidden], got "
+                                  f"{tuple(hidden.shape)} {hidden.dtype}")
+        if not 0 <= start <= self.position:
+            raise BadRequestError(f"cannot step at position {start}: the session holds {self.position} tokens")
+        batch, length, width = hidden.shape
+        if start + length > self.max_length:
+            raise BadRequestError(f"{start} + {length} tokens exceeds the session's max_length {self.max_length}; "
+                                  "open the session with a larger max_length")
+        if not 1 <= batch <= self.batch_size:
+            raise BadRequestError(f"batch {batch} exceeds the session's batch size {self.batch_size}")
+        if batch * length > MAX_PASS_TOKENS:
+            raise BadRequestError(f"at most {MAX_PASS_TOKENS} positions per step, got batch {batch} x {length}; "
+                                  "split the step")
+        if self._shape is not None and self.position > 0 and (batch, width) != self._shape:
+            raise BadRequestError(f"a step of batch {batch} and hidden size {width} in a session of batch "
+                                  f"{self._shape[0]} and hidden size {self._shape[1]}")
+
+    async def _replace(self, index: int, *, avoid: frozenset[PeerId]) -> None:
+        """Swap hop `index` for a fresh route over its blocks and replay its inputs through it.
+
+        Raises:
+            _ReplayFailed: a new hop failed during the replay (the caller decides about that server).
+            NoRouteError: no route, after waiting for blocks to get a server.
+        """
         old = self.hops[index]
-        duration = self._client.bans.ban(old.peer_id)
         self.reroutes += 1
-        log.warning(
-            "server %s (blocks %d-%d) failed: %s: %s; banned for %.0f s, rerouting and replaying %d positions",
-            old.peer_id, old.start, old.end - 1, type(error).__name__, error, duration,
-            0 if old.inputs is None else old.inputs.shape[1],
-        )
         with contextlib.suppress(Exception):
             await old.stream.reset("replaced after failure")
         new_hops = await self._client._open_hops(old.start, old.end, self.max_length, self.batch_size,
-                                                 adapter=self.adapter, prompts=self.prompts)
+                                                 adapter=self.adapter, prompts=self.prompts, avoid=avoid)
         replay = old.inputs
+        hop = None
         try:
             if replay is not None and replay.shape[1] > 0:
                 for hop in new_hops:
                     output = await self._client._send_step(hop, replay, 0)
                     hop.remember(replay, 0)
                     replay = output
-        except BaseException:
-            for hop in new_hops:
+        except BaseException as e:
+            for new in new_hops:
                 with contextlib.suppress(Exception):
-                    await hop.stream.aclose()
+                    await new.stream.aclose()
+            if isinstance(e, Exception) and hop is not None:
+                raise _ReplayFailed(hop.peer_id, e) from e
             raise
         self.hops[index : index + 1] = new_hops
 
@@ -291,16 +366,16 @@ class SwarmClient:
             trace: if given, every hop's input is appended to it, for `backward`.
         """
         self._check_pass(hidden, prompts)
-        block, current, failures = 0, hidden, 0
+        block, current, attempts = 0, hidden, Attempts()
         while block < self.num_blocks:
-            route = await self._route(block, self.num_blocks, 0, adapter=adapter)
+            route = await self._reroute(attempts, block, self.num_blocks, adapter=adapter)
             for hop in route:
                 try:
                     output = await self._call_forward(hop.server, hop.start, hop.end, current, prompts, adapter)
-                except HOP_FAILURES as e:
-                    failures += 1
-                    self._pass_failed(hop.server, "forward", e, failures)
+                except Exception as e:
+                    attempts = self._pass_failed(attempts, e, Phase.FORWARD, hop.server, hop.start, hop.end)
                     break  # reroute from this hop's first block
+                attempts = self._pass_accepted(attempts, hop.server)
                 if trace is not None:
                     trace.append(PassHop(hop.server, hop.start, hop.end, current))
                 current, block = output, hop.end
@@ -326,13 +401,13 @@ class SwarmClient:
         self, hop: PassHop, grad: torch.Tensor, prompts: torch.Tensor | None, adapter: str | None,
         grad_prompts: torch.Tensor | None,
     ) -> torch.Tensor:
-        failures = 0
+        attempts = Attempts()
         while True:
-            if failures == 0 and hop.server.peer_id not in self.bans.banned():
+            if retry_original_server(attempts, banned=self.bans.is_banned(hop.server.peer_id)):
                 route = [RouteHop(hop.server.peer_id, hop.start, hop.end, hop.server)]
             else:
-                route = await self._route(hop.start, hop.end, 0, adapter=adapter)
-            server = route[0].server
+                route = await self._reroute(attempts, hop.start, hop.end, adapter=adapter)
+            server, sub = route[0].server, route[0]
             try:
                 inputs = [hop.inputs]  # a replacement route over several servers needs each one's input
                 for sub in route[:-1]:
@@ -345,22 +420,53 @@ class SwarmClient:
                                                                        prompts, adapter)
                     if sub_grad_prompts is not None:
                         partial.append((sub.start, sub.end, sub_grad_prompts))
-            except HOP_FAILURES as e:
-                failures += 1
-                self._pass_failed(server, "backward", e, failures)
+            except Exception as e:
+                attempts = self._pass_failed(attempts, e, Phase.BACKWARD, server, sub.start, sub.end)
                 continue
+            self._pass_accepted(attempts, route[-1].server)
             if grad_prompts is not None:
                 for start, end, value in partial:
                     grad_prompts[start:end] += value.to(grad_prompts.dtype)
             return grad
 
-    def _pass_failed(self, server: ServerView, verb: str, error: BaseException, failures: int) -> None:
-        duration = self.bans.ban(server.peer_id)
-        log.warning("%s through %s (blocks %d-%d) failed: %s: %s; banned for %.0f s, rerouting", verb,
-                    server.peer_id, server.start, server.end - 1, type(error).__name__, error, duration)
-        if failures > MAX_FAILOVERS_PER_STEP:
-            raise NoRouteError(f"{verb} through {self.model} failed {failures} times; last error: {error}",
-                               missing=[]) from error
+    async def _reroute(self, attempts: Attempts, start: int, end: int, *, adapter: str | None) -> list[RouteHop]:
+        """A route over [start, end) for a pass, around servers that refused it."""
+        try:
+            return await self._route(start, end, 0, adapter=adapter, avoid=attempts.refused_by)
+        except NoRouteError as e:
+            error = no_second_opinion(attempts, e)
+            if error is e:
+                raise
+            raise error from e
+
+    def _pass_failed(
+        self, attempts: Attempts, error: Exception, phase: Phase, server: ServerView, start: int, end: int
+    ) -> Attempts:
+        """Ask the policy about a failed forward/backward call; returns the record to go on with, or raises."""
+        action = next_action(attempts, error, phase=phase, peer=server.peer_id, blocks=(start, end),
+                             what=f"{phase.value} through blocks {start}-{end - 1} of {self.model}")
+        if isinstance(action, Propagate):
+            raise error
+        self._ban(action.ban, f"{phase.value} through blocks {start}-{end - 1}", error)
+        if isinstance(action, GiveUp):
+            raise action.error from error
+        if action.ban is None:
+            log.warning("%s through %s (blocks %d-%d) refused as a bad request: %s; asking another server",
+                        phase.value, server.peer_id, start, end - 1, error)
+        return action.attempts
+
+    def _pass_accepted(self, attempts: Attempts, server: ServerView) -> Attempts:
+        refusers, attempts = accepted(attempts)
+        for peer in refusers:
+            self._ban(peer, f"refusing a request that {server.peer_id} accepted", None)
+        return attempts
+
+    def _ban(self, peer: PeerId | None, what: str, error: BaseException | None) -> None:
+        if peer is None:
+            return
+        duration = self.bans.ban(peer)
+        cause = "" if error is None else f": {type(error).__name__}: {error}"
+        log.warning("server %s failed (%s)%s; banned for %.0f s, rerouting", peer, what, cause, duration)
 
     async def _call_forward(
         self, server: ServerView, start: int, end: int, hidden: torch.Tensor, prompts: torch.Tensor | None,
@@ -418,42 +524,44 @@ class SwarmClient:
         return self._rpc
 
     async def _route(
-        self, start: int, end: int, min_cache_tokens: int, *, adapter: str | None = None
+        self, start: int, end: int, min_cache_tokens: int, *, adapter: str | None = None,
+        avoid: frozenset[PeerId] = frozenset(),
     ) -> list[RouteHop]:
-        """A route over [start, end), waiting up to `wait_for_blocks_s` for missing blocks to get a server."""
+        """A route over [start, end) around banned servers and `avoid`, waiting up to `wait_for_blocks_s` for
+        missing blocks to get a server."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait_for_blocks_s
         reported = None
         fresh = False
         while True:
-            # A recent view is reused: after a failure, rerouting must not wait on a DHT lookup that may itself
-            # be slowed by the very peer that just failed. A view that yields no route is refreshed first.
-            if fresh or self._view is None or loop.time() - self._view_at > SWARM_VIEW_MAX_AGE_S:
+            age_s = None if self._view is None else loop.time() - self._view_at
+            if view_needs_refresh(age_s, SWARM_VIEW_MAX_AGE_S, route_failed=fresh):
                 self._view, self._view_at = await self.swarm(), loop.time()
                 fresh = True
             view = self._view
             await self._probe_rtts(view)
             try:
                 return choose_route(
-                    view, start=start, end=end, rtt_s=self.rtt, banned=self.bans.banned(),
+                    view, start=start, end=end, rtt_s=self.rtt, banned=self.bans.banned() | avoid,
                     min_cache_tokens=min_cache_tokens, rng=self.rng, model=self.model, adapter=adapter,
                 )
             except NoRouteError as e:
-                if not fresh:
-                    fresh = True
-                    continue
-                if loop.time() >= deadline:
+                delay_s = route_retry_delay_s(view_is_fresh=fresh, now=loop.time(), deadline=deadline)
+                if delay_s is None:
                     first = e.missing[0] if e.missing else (start, end)
                     raise NoRouteError(
                         f"{e}; waited {self.wait_for_blocks_s:.0f} s. Start one with: petalnode join --bootstrap "
                         f"{self.bootstrap[0]} --model {self.model} --blocks {first[0]}:{first[1]}",
                         missing=e.missing,
                     ) from None
+                fresh = True
+                if not delay_s:
+                    continue
                 if reported != e.missing:
                     reported = e.missing
                     log.warning("waiting for servers: %s of %s have no available server", describe_runs(e.missing),
                                 self.model)
-                await asyncio.sleep(min(1.0, max(0.0, deadline - loop.time())))
+                await asyncio.sleep(delay_s)
 
     async def _probe_rtts(self, view: SwarmView) -> None:
         """Measure round-trip times to servers not measured yet (an `info` call each, concurrently)."""
@@ -474,25 +582,45 @@ class SwarmClient:
 
     async def _open_hops(
         self, start: int, end: int, max_length: int, batch_size: int, *, adapter: str | None = None,
-        prompts: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None, avoid: frozenset[PeerId] = frozenset(),
     ) -> list[_Hop]:
-        """Open inference streams along a route over [start, end), rerouting around servers that refuse."""
-        for _attempt in range(MAX_FAILOVERS_PER_STEP):
-            route = await self._route(start, end, max_length * batch_size, adapter=adapter)
+        """Open inference streams along a route over [start, end), rerouting around servers that fail.
+
+        `avoid`: servers not to use (a replacement asking for a second opinion avoids the server that refused).
+        """
+        attempts = Attempts()
+        while True:
+            try:
+                route = await self._route(start, end, max_length * batch_size, adapter=adapter,
+                                          avoid=avoid | attempts.refused_by)
+            except NoRouteError as e:
+                error = no_second_opinion(attempts, e)
+                if error is e:
+                    raise
+                raise error from e
             hops: list[_Hop] = []
             try:
                 for step in route:
                     hops.append(await self._open_hop(step, max_length, batch_size, adapter, prompts))
-                return hops
-            except HOP_FAILURES as e:
+            except Exception as e:
                 failed = route[len(hops)]
-                self.bans.ban(failed.peer_id)
-                log.warning("server %s refused a session (%s: %s); rerouting", failed.peer_id, type(e).__name__, e)
                 for hop in hops:
                     with contextlib.suppress(Exception):
                         await hop.stream.aclose()
-        raise NoRouteError(f"could not open a session through blocks {start}-{end - 1} of {self.model} after "
-                           f"{MAX_FAILOVERS_PER_STEP} attempts", missing=[(start, end)])
+                action = next_action(attempts, e, phase=Phase.OPEN, peer=failed.peer_id,
+                                     blocks=(failed.start, failed.end),
+                                     what=f"opening a session through blocks {start}-{end - 1} of {self.model}")
+                if isinstance(action, Propagate):
+                    raise
+                self._ban(action.ban, f"opening a session on blocks {failed.start}-{failed.end - 1}", e)
+                if isinstance(action, GiveUp):
+                    raise action.error from e
+                attempts = action.attempts
+                continue
+            refusers, _ = accepted(attempts)
+            for peer in refusers:
+                self._ban(peer, "refusing a session other servers accepted", None)
+            return hops
 
     async def _open_hop(
         self, step: RouteHop, max_length: int, batch_size: int, adapter: str | None, prompts: torch.Tensor | None
@@ -517,8 +645,11 @@ class SwarmClient:
         return _Hop(peer_id=step.peer_id, start=step.start, end=step.end, stream=stream)
 
     async def _send_step(self, hop: _Hop, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        await hop.stream.send(InferenceStep(hidden=hidden.contiguous(), start_position=start),
-                              tensor_codec=self.codec)
+        try:
+            await hop.stream.send(InferenceStep(hidden=hidden.contiguous(), start_position=start),
+                                  tensor_codec=self.codec)
+        except CodecError as e:  # our step does not fit the wire limits: our fault, not the server's
+            raise LocalProtocolError(f"cannot send a step of shape {tuple(hidden.shape)}: {e}") from e
         reply = await hop.stream.receive(timeout_s=self.step_timeout_s)
         if not isinstance(reply, InferenceResult):
             raise RemoteProtocolError(f"expected InferenceResult from {hop.peer_id}, got {type(reply).__name__}")

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from petalnode.compute import parse_size, plan_blocks
+from petalnode.compute import ServePlan, parse_size, plan_blocks, plan_serving
 from petalnode.errors import ConfigError, OutOfCacheMemoryError
 
 
@@ -60,3 +60,28 @@ def test_plan_respects_budget(budget: int, weight: int, kv: int, blocks: int, to
     assert 1 <= plan.num_blocks <= blocks
     assert plan.weight_bytes + plan.num_blocks * tokens * kv <= budget
     assert plan.cache_tokens(kv) >= tokens
+
+
+SIZES = dict(model="m", total_blocks=30, block_weight_bytes=100, kv_bytes_per_token_per_block=1, activation_bytes=100,
+             cache_tokens_per_block=50)
+
+
+def test_serve_plan_without_a_budget_reserves_cache_for_the_blocks_wanted() -> None:
+    assert plan_serving(vram_bytes=None, **SIZES) == ServePlan(num_blocks=30, cache_budget_bytes=30 * 50)
+    assert plan_serving(vram_bytes=None, num_blocks=4, **SIZES) == ServePlan(num_blocks=4, cache_budget_bytes=200)
+    assert plan_serving(vram_bytes=None, blocks=(3, 6), **SIZES).num_blocks == 3
+
+
+def test_serve_plan_with_a_budget_gives_the_rest_to_the_cache() -> None:
+    plan = plan_serving(vram_bytes=1000, **SIZES)
+    assert plan == ServePlan(num_blocks=6, cache_budget_bytes=1000 - 100 - 600)
+    assert plan_serving(vram_bytes=1000, num_blocks=2, **SIZES) == ServePlan(num_blocks=2, cache_budget_bytes=700)
+
+
+def test_serve_plan_refuses_what_does_not_fit_or_is_outside_the_model() -> None:
+    with pytest.raises(OutOfCacheMemoryError, match="7 blocks of m need about"):
+        plan_serving(vram_bytes=1000, num_blocks=7, **SIZES)
+    with pytest.raises(ConfigError, match="outside the model's 0:30"):
+        plan_serving(vram_bytes=None, blocks=(25, 31), **SIZES)
+    with pytest.raises(ConfigError, match="between 1 and 30"):
+        plan_serving(vram_bytes=None, num_blocks=0, **SIZES)

@@ -12,7 +12,14 @@ from hypothesis import strategies as st
 
 from petalnode.dht import ServerState
 from petalnode.identity import PeerId
-from petalnode.node._placement import MIN_IMPROVEMENT, choose_blocks, should_move
+from petalnode.node._placement import (
+    JOIN_RECHECKS,
+    MIN_IMPROVEMENT,
+    choose_blocks,
+    join_recheck_waits,
+    rebalance_target,
+    should_move,
+)
 from petalnode.node._swarm_view import ServerView, SwarmView
 
 ONLINE, JOINING, OFFLINE = ServerState.ONLINE, ServerState.JOINING, ServerState.OFFLINE
@@ -241,3 +248,40 @@ def test_repeated_rebalancing_converges(case: tuple) -> None:
         if not moved:
             return
     pytest.fail("rebalancing did not converge")
+
+
+def test_rebalance_skips_when_our_own_announcement_is_missing() -> None:
+    view = swarm(10, server(1, 0, 5), server(2, 0, 5))  # blocks 5-9 uncovered: any server would move there
+    decision = rebalance_target(view, pid(9), hosted=(0, 5), rng=random.Random(0))
+    assert decision.target is None and decision.skipped
+
+
+def test_only_the_highest_peer_id_of_identical_twins_moves() -> None:
+    # Three servers on 0:5, nothing on 5:10: each would gain by moving, but only one of them may.
+    view = swarm(10, server(1, 0, 5), server(2, 0, 5), server(3, 0, 5))
+    decisions = {i: rebalance_target(view, pid(i), hosted=(0, 5), rng=random.Random(0)) for i in (1, 2, 3)}
+    highest = max((1, 2, 3), key=pid)
+    assert decisions[highest].target == (5, 10)
+    assert all(d.target is None and not d.skipped for i, d in decisions.items() if i != highest)
+    # A twin that is not serving (OFFLINE) does not hold anyone back.
+    low, mid, high = sorted((1, 2, 3), key=pid)
+    view = swarm(10, server(low, 0, 5), server(mid, 0, 5), server(high, 0, 5, state=OFFLINE))
+    assert rebalance_target(view, pid(mid), hosted=(0, 5), rng=random.Random(0)).target == (5, 10)
+
+
+def test_rebalance_stays_without_a_clear_gain() -> None:
+    view = swarm(10, server(1, 0, 5), server(2, 5, 10))
+    decision = rebalance_target(view, pid(1), hosted=(0, 5), rng=random.Random(0))
+    assert decision.target is None and not decision.skipped
+
+
+def test_join_recheck_waits() -> None:
+    assert list(join_recheck_waits(jitter_s=1.0, fixed_blocks=True, rng=random.Random(0))) == []
+    assert list(join_recheck_waits(jitter_s=0.0, fixed_blocks=False, rng=random.Random(0))) == []
+    waits = list(join_recheck_waits(jitter_s=2.0, fixed_blocks=False, rng=random.Random(0)))
+    assert len(waits) == JOIN_RECHECKS and all(1.0 <= w <= 2.0 for w in waits)
+    # Lazy: the draws interleave with the caller's own use of the rng, as the node's re-checks do.
+    rng, reference = random.Random(5), random.Random(5)
+    for wait in join_recheck_waits(jitter_s=1.0, fixed_blocks=False, rng=rng):
+        assert wait == reference.uniform(0.5, 1.0)
+        assert rng.random() == reference.random()
