@@ -11,6 +11,10 @@
 # tuple[X, Y, ...], dict[str, X], enum.Enum subclasses with all-int or all-str values, Message subclasses (and
 # unions of them), torch.Tensor. Anything else is a TypeError when the class is registered.
 #
+# This module never imports torch, so messages without tensors (DHT, signaling, RPC control) cost no torch import.
+# torch.Tensor is a field type registered by _tensor.py (`register_field_type`), which is imported on first need:
+# when a field annotated torch.Tensor is compiled, torch is necessarily loaded already, so it costs nothing more.
+#
 # Invariants:
 # - Decoding checks every value against its annotation: bool is not int; ints lie in [min_value, max_value]
 #   (int64 by default); floats are finite unless allow_nonfinite (an int is accepted for a float); a
@@ -25,24 +29,20 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import sys
 import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
-import torch
-
-from petalnode.codecs._limits import CodecLimits
+from petalnode.codecs._limits import CodecLimits, DecodeBudget
 from petalnode.codecs._registry import Message, lookup
-from petalnode.codecs._tensor import (
-    DecodeBudget,
-    TensorCodec,
-    decode_tensor_with_budget,
-    dtype_name,
-    encode_tensor,
-)
+from petalnode.codecs._tensor_codec import TensorCodec
 from petalnode.errors import CodecError
+
+if TYPE_CHECKING:
+    import torch
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -79,7 +79,7 @@ class FieldSpec:
         checks = [
             (spec.codec is None or isinstance(spec.codec, TensorCodec), "codec must be a TensorCodec"),
             (spec.zstd is None or type(spec.zstd) is bool, "zstd must be a bool"),
-            (spec.dtype is None or isinstance(spec.dtype, torch.dtype), "dtype must be a torch.dtype"),
+            (spec.dtype is None or _is_torch_dtype(spec.dtype), "dtype must be a torch.dtype"),
             (
                 spec.shape is None
                 or (isinstance(spec.shape, tuple) and all(d is None or type(d) is int for d in spec.shape)),
@@ -96,8 +96,15 @@ class FieldSpec:
             if not ok:
                 raise TypeError(f"{where}: {message}")
         if spec.dtype is not None:
+            from petalnode.codecs._tensor import dtype_name  # torch is loaded: spec.dtype is a torch.dtype
+
             dtype_name(spec.dtype)
         return spec
+
+
+def _is_torch_dtype(value: object) -> bool:
+    torch = sys.modules.get("torch")  # no torch loaded: nothing can be a torch.dtype
+    return torch is not None and isinstance(value, torch.dtype)
 
 
 def wire_field(
@@ -212,25 +219,23 @@ def _compile_float(spec: FieldSpec) -> Converter:
     return _scalar(check)
 
 
-def _compile_tensor(spec: FieldSpec) -> Converter:
-    def encode(value: Any, ctx: EncodeContext) -> Any:
-        _expect(isinstance(value, torch.Tensor), "torch.Tensor", value)
-        if spec.dtype is not None and value.dtype != spec.dtype:
-            raise CodecError(f"tensor dtype {value.dtype} is not the field's {spec.dtype}")
-        if spec.shape is not None and (
-            value.dim() != len(spec.shape)
-            or any(e is not None and e != s for s, e in zip(value.shape, spec.shape, strict=True))
-        ):
-            raise CodecError(f"tensor shape {tuple(value.shape)} does not match the field's {spec.shape}")
-        codec = spec.codec
-        if codec is None:
-            codec = ctx.tensor_codec if value.is_floating_point() else TensorCodec.RAW
-        return encode_tensor(value, codec, zstd=ctx.zstd if spec.zstd is None else spec.zstd)
+# Field types that other modules of this package supply (torch.Tensor, from _tensor.py): type -> compiler.
+_FIELD_TYPES: dict[type, Callable[[FieldSpec], Converter]] = {}
 
-    def decode(value: Any, ctx: DecodeContext) -> torch.Tensor:
-        return decode_tensor_with_budget(value, ctx.limits, ctx.budget, spec.shape, spec.dtype)
 
-    return encode, decode
+def register_field_type(tp: type, compile_field: Callable[[FieldSpec], Converter]) -> None:
+    """Make `tp` a supported annotation, converted by `compile_field(spec)`'s (encode, decode) pair."""
+    _FIELD_TYPES[tp] = compile_field
+
+
+def _field_type(tp: Any) -> Callable[[FieldSpec], Converter] | None:
+    compile_field = _FIELD_TYPES.get(tp) if isinstance(tp, type) else None
+    torch = sys.modules.get("torch")
+    if compile_field is None and torch is not None and tp is torch.Tensor:
+        import petalnode.codecs._tensor  # noqa: F401  (registers torch.Tensor; torch itself is loaded already)
+
+        compile_field = _FIELD_TYPES.get(tp)
+    return compile_field
 
 
 def _compile_enum(tp: type[enum.Enum], where: str) -> Converter:
@@ -362,8 +367,9 @@ def compile_type(tp: Any, spec: FieldSpec, where: str, top: bool = True) -> Conv
         return encode_bytes, decode_bytes
     if tp is None or tp is type(None):
         return _scalar(lambda v: (_expect(v is None, "None", v), v)[1])
-    if tp is torch.Tensor:
-        return _compile_tensor(spec)
+    compile_field = _field_type(tp)
+    if compile_field is not None:
+        return compile_field(spec)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return _compile_enum(tp, where)
     if _is_message_class(tp):
