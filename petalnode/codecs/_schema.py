@@ -3,7 +3,8 @@
 # Envelope (a msgpack map with exactly these keys, in this order):
 #   "k": str   the message KIND
 #   "v": int   the sender's VERSION of that kind (>= 0)
-#   "b": map   the body: field name -> value, in declaration order
+#   "b": map   the body: field name -> value, in declaration order (a field's `wire_name` replaces its name
+#              as the key: short keys for records that must stay small, such as the DHT announcement)
 # A nested Message field is itself an envelope, so a field typed with a base class accepts any registered
 # subclass. A torch.Tensor field is a tensor map (see _tensor.py).
 #
@@ -119,6 +120,7 @@ def wire_field(
     max_value: int | float | None = None,
     max_len: int | None = None,
     allow_nonfinite: bool = False,
+    wire_name: str | None = None,
 ) -> Any:
     """A `dataclasses.field` carrying wire options for a Message field.
 
@@ -131,6 +133,8 @@ def wire_field(
         min_value, max_value: bounds for int and float values (ints default to the int64 range).
         max_len: most characters/bytes/items of the field's top-level str, bytes, list, tuple or dict.
         allow_nonfinite: accept NaN and infinity in float values (refused by default).
+        wire_name: the field's key in the encoded body, instead of its name (e.g. one letter, where every byte
+            counts); the name still appears in error messages. Changing it changes the wire format.
     """
     metadata = {
         key: value
@@ -147,6 +151,8 @@ def wire_field(
     }
     if allow_nonfinite:
         metadata["allow_nonfinite"] = True
+    if wire_name is not None:
+        metadata["wire_name"] = wire_name
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
@@ -401,6 +407,7 @@ def compile_type(tp: Any, spec: FieldSpec, where: str, top: bool = True) -> Conv
 @dataclass(frozen=True, slots=True)
 class _Field:
     name: str
+    key: str  # in the encoded body: the wire_name, else the name
     encode: Encoder
     decode: Decoder
     required: bool
@@ -409,7 +416,7 @@ class _Field:
 @dataclass(frozen=True, slots=True)
 class MessageSchema:
     fields: tuple[_Field, ...]
-    names: frozenset[str]
+    keys: frozenset[str]
 
 
 _SCHEMAS: dict[type[Message], MessageSchema] = {}
@@ -433,8 +440,13 @@ def schema_of(cls: type[Message]) -> MessageSchema:
             spec = FieldSpec.from_metadata(f.metadata, where)
             encode, decode = compile_type(hints[f.name], spec, where)
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            fields.append(_Field(f.name, encode, decode, required))
-        schema = MessageSchema(tuple(fields), frozenset(f.name for f in fields))
+            key = f.metadata.get("wire_name", f.name)
+            if type(key) is not str or not key:
+                raise TypeError(f"{where}: wire_name must be a non-empty str")
+            if any(key == other.key for other in fields):
+                raise TypeError(f"{where}: wire key {key!r} is already used by another field")
+            fields.append(_Field(f.name, key, encode, decode, required))
+        schema = MessageSchema(tuple(fields), frozenset(f.key for f in fields))
         _SCHEMAS[cls] = schema
     return schema
 
@@ -450,7 +462,7 @@ def encode_envelope(msg: Message, ctx: EncodeContext) -> dict[str, Any]:
     body: dict[str, Any] = {}
     for f in schema_of(cls).fields:
         try:
-            body[f.name] = f.encode(getattr(msg, f.name), ctx)
+            body[f.key] = f.encode(getattr(msg, f.name), ctx)
         except CodecError as e:
             raise CodecError(f"{cls.KIND}.{f.name}: {e}") from None
     return {"k": cls.KIND, "v": cls.VERSION, "b": body}
@@ -479,15 +491,16 @@ def decode_envelope(obj: Any, ctx: DecodeContext, expected: tuple[type[Message],
     schema = schema_of(cls)
     kwargs: dict[str, Any] = {}
     for f in schema.fields:
-        if f.name in body:
+        if f.key in body:
             try:
-                kwargs[f.name] = f.decode(body[f.name], ctx)
+                kwargs[f.name] = f.decode(body[f.key], ctx)
             except CodecError as e:
                 raise CodecError(f"{kind}.{f.name}: {e}") from None
         elif f.required:
-            raise CodecError(f"{kind}: missing required field {f.name!r}")
+            named = f"{f.name!r}" if f.key == f.name else f"{f.name!r} (key {f.key!r})"
+            raise CodecError(f"{kind}: missing required field {named}")
     if version <= cls.VERSION and len(kwargs) != len(body):
-        unknown = sorted(short(k) for k in body.keys() - schema.names)
+        unknown = sorted(short(k) for k in body.keys() - schema.keys)
         raise CodecError(f"{kind}: unknown fields {', '.join(unknown)} at version {version}")
     try:
         return cls(**kwargs)

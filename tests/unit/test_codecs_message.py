@@ -230,6 +230,45 @@ def test_missing_required_field_is_refused_at_any_version() -> None:
             decode_message(envelope("test.codecs.ping", version, {}))
 
 
+@register_message
+class Short(Message):
+    KIND: ClassVar[str] = "test.codecs.short"
+    VERSION: ClassVar[int] = 2
+    start_block: int = wire_field(wire_name="a", min_value=0)
+    note: str = wire_field(default="", wire_name="n")
+    plain: int = 0
+
+
+def test_wire_names_are_the_body_keys() -> None:
+    msg = Short(start_block=3, note="x", plain=1)
+    assert unpackb(encode_message(msg))["b"] == {"a": 3, "n": "x", "plain": 1}
+    assert decode_message(encode_message(msg)) == msg
+    assert decode_message(envelope("test.codecs.short", 3, {"a": 1, "start_block": 9})) == Short(start_block=1)
+    with pytest.raises(CodecError, match="unknown fields 'start_block'"):
+        decode_message(envelope("test.codecs.short", 2, {"a": 1, "start_block": 9}))
+    with pytest.raises(CodecError, match="missing required field 'start_block' \\(key 'a'\\)"):
+        decode_message(envelope("test.codecs.short", 2, {"n": "x"}))
+    with pytest.raises(CodecError, match=r"test\.codecs\.short\.start_block: int -1 is outside"):
+        decode_message(envelope("test.codecs.short", 2, {"a": -1}))
+
+
+def test_wire_names_must_be_unique_non_empty_strings() -> None:
+    with pytest.raises(TypeError, match="already used"):
+
+        @register_message
+        class Clash(Message):
+            KIND: ClassVar[str] = "test.codecs.clash"
+            first: int = wire_field(wire_name="x")
+            x: int
+
+    with pytest.raises(TypeError, match="non-empty str"):
+
+        @register_message
+        class Empty(Message):
+            KIND: ClassVar[str] = "test.codecs.empty_wire_name"
+            first: int = wire_field(wire_name="")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Validation
 
