@@ -4,7 +4,8 @@
 #   "k": str   the message KIND
 #   "v": int   the sender's VERSION of that kind (>= 0)
 #   "b": map   the body: field name -> value, in declaration order (a field's `wire_name` replaces its name
-#              as the key: short keys for records that must stay small, such as the DHT announcement)
+#              as the key: short keys for records that must stay small, such as the DHT announcement; a
+#              field declared with `omit_default` is left out while it equals its default)
 # A nested Message field is itself an envelope, so a field typed with a base class accepts any registered
 # subclass. A torch.Tensor field is a tensor map (see _tensor.py).
 #
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 import sys
 import types
@@ -121,6 +123,7 @@ def wire_field(
     max_len: int | None = None,
     allow_nonfinite: bool = False,
     wire_name: str | None = None,
+    omit_default: bool = False,
 ) -> Any:
     """A `dataclasses.field` carrying wire options for a Message field.
 
@@ -135,6 +138,8 @@ def wire_field(
         allow_nonfinite: accept NaN and infinity in float values (refused by default).
         wire_name: the field's key in the encoded body, instead of its name (e.g. one letter, where every byte
             counts); the name still appears in error messages. Changing it changes the wire format.
+        omit_default: leave the field out of the body while its value equals its default (the decoder fills
+            the default back in); for optional fields that are usually empty, again where every byte counts.
     """
     metadata = {
         key: value
@@ -153,6 +158,8 @@ def wire_field(
         metadata["allow_nonfinite"] = True
     if wire_name is not None:
         metadata["wire_name"] = wire_name
+    if omit_default:
+        metadata["omit_default"] = True
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
@@ -408,6 +415,7 @@ def compile_type(tp: Any, spec: FieldSpec, where: str, top: bool = True) -> Conv
 class _Field:
     name: str
     key: str  # in the encoded body: the wire_name, else the name
+    omit: Callable[[Any], bool] | None  # omit_default: whether a value equals the default
     encode: Encoder
     decode: Decoder
     required: bool
@@ -420,6 +428,10 @@ class MessageSchema:
 
 
 _SCHEMAS: dict[type[Message], MessageSchema] = {}
+
+
+def _same_value(default: Any, value: Any) -> bool:
+    return type(value) is type(default) and bool(value == default)
 
 
 def schema_of(cls: type[Message]) -> MessageSchema:
@@ -445,7 +457,14 @@ def schema_of(cls: type[Message]) -> MessageSchema:
                 raise TypeError(f"{where}: wire_name must be a non-empty str")
             if any(key == other.key for other in fields):
                 raise TypeError(f"{where}: wire key {key!r} is already used by another field")
-            fields.append(_Field(f.name, key, encode, decode, required))
+            omit = None
+            if f.metadata.get("omit_default"):
+                if required:
+                    raise TypeError(f"{where}: omit_default needs a default")
+                default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                # Same type too: 0 == False and 1 == 1.0, but they travel differently.
+                omit = functools.partial(_same_value, default)
+            fields.append(_Field(f.name, key, omit, encode, decode, required))
         schema = MessageSchema(tuple(fields), frozenset(f.key for f in fields))
         _SCHEMAS[cls] = schema
     return schema
@@ -461,8 +480,11 @@ def encode_envelope(msg: Message, ctx: EncodeContext) -> dict[str, Any]:
         raise CodecError(f"{cls.__qualname__} is not a registered message (use @register_message)")
     body: dict[str, Any] = {}
     for f in schema_of(cls).fields:
+        value = getattr(msg, f.name)
+        if f.omit is not None and f.omit(value):
+            continue
         try:
-            body[f.key] = f.encode(getattr(msg, f.name), ctx)
+            body[f.key] = f.encode(value, ctx)
         except CodecError as e:
             raise CodecError(f"{cls.KIND}.{f.name}: {e}") from None
     return {"k": cls.KIND, "v": cls.VERSION, "b": body}

@@ -252,6 +252,28 @@ def test_wire_names_are_the_body_keys() -> None:
         decode_message(envelope("test.codecs.short", 2, {"a": -1}))
 
 
+@register_message
+class Sparse(Message):
+    KIND: ClassVar[str] = "test.codecs.sparse"
+    name: str | None = wire_field(default=None, omit_default=True)
+    tags: tuple[str, ...] = wire_field(default=(), wire_name="t", omit_default=True)
+    flag: bool = wire_field(default=False, omit_default=True)
+
+
+def test_omit_default_leaves_default_values_out_of_the_body() -> None:
+    assert unpackb(encode_message(Sparse()))["b"] == {}
+    msg = Sparse(name="x", tags=("a",), flag=True)
+    assert unpackb(encode_message(msg))["b"] == {"name": "x", "t": ["a"], "flag": True}
+    assert decode_message(encode_message(msg)) == msg
+    assert decode_message(encode_message(Sparse())) == Sparse()
+    with pytest.raises(TypeError, match="omit_default needs a default"):
+
+        @register_message
+        class Required(Message):
+            KIND: ClassVar[str] = "test.codecs.omit_required"
+            x: int = wire_field(omit_default=True)
+
+
 def test_wire_names_must_be_unique_non_empty_strings() -> None:
     with pytest.raises(TypeError, match="already used"):
 
