@@ -27,9 +27,9 @@ Example::
     msg = decode_message(data, expected=Forward)
 """
 
-import importlib
 import typing
 
+from petalnode import _lazy
 from petalnode.codecs._limits import DEFAULT_LIMITS, CodecLimits
 from petalnode.codecs._message import decode_message, encode_message, register_message
 from petalnode.codecs._msgpack import packb, unpackb
@@ -61,23 +61,7 @@ __all__ = [
 ]
 
 # Names that need torch: loaded on first access, then cached in the module namespace.
-_TORCH_EXPORTS = {
-    "INT8_BLOCK_SIZE": "petalnode.codecs._int8",
-    "ZSTD_LEVEL": "petalnode.codecs._tensor",
-    "decode_tensor": "petalnode.codecs._tensor",
-    "encode_tensor": "petalnode.codecs._tensor",
-    "int8_error_bound": "petalnode.codecs._int8",
-}
-
-
-def __getattr__(name: str) -> typing.Any:
-    module = _TORCH_EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_TORCH_EXPORTS})
+__getattr__, __dir__ = _lazy.exports(__name__, globals(), {
+    "petalnode.codecs._int8": ("INT8_BLOCK_SIZE", "int8_error_bound"),
+    "petalnode.codecs._tensor": ("ZSTD_LEVEL", "decode_tensor", "encode_tensor"),
+})

@@ -1,4 +1,4 @@
-"""The wire layers import without torch: a DHT-only or bootstrap process must not pay for it (about 200 MiB).
+"""The wire layers and the daemon import without torch: a DHT-only or bootstrap process must not pay for it.
 
 Each check runs in a fresh interpreter, since this test process has torch loaded already (conftest.py).
 """
@@ -40,8 +40,12 @@ def heavy_modules_after(code: str) -> list[str]:
         "assert Announcement.from_bytes(record.value) == ann\n"
         "assert unpackb(packb({'a': [1, b'x']})) == {'a': [1, b'x']}",
         "import petalnode.dht._process",
+        # What the bootstrap role imports (tests/cli/test_cli_bootstrap_imports.py runs the real thing).
+        "from petalnode.node import DEFAULT_RECORD_TTL_S, NatOptions, Node, fetch_swarm\n"
+        "from petalnode.compute import parse_size\n"
+        "import petalnode.cli, petalnode.transport",
     ],
-    ids=["import", "announce-and-parse", "dht-process"],
+    ids=["import", "announce-and-parse", "dht-process", "bootstrap-imports"],
 )
 def test_dht_and_codec_core_do_not_import_torch(code: str) -> None:
     assert heavy_modules_after(code) == []
