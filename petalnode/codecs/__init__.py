@@ -9,6 +9,10 @@ pinned by golden files in tests/unit/golden/codecs.
 Decoders never trust their input: sizes are checked against `CodecLimits` before anything is allocated, and
 every failure is a `petalnode.errors.CodecError`.
 
+The message layer does not import torch (DHT and bootstrap processes never load it). The tensor functions and
+constants below are loaded on first access (PEP 562), and a message class with a `torch.Tensor` field loads them
+when its schema is compiled.
+
 Example::
 
     @register_message
@@ -23,13 +27,19 @@ Example::
     msg = decode_message(data, expected=Forward)
 """
 
-from petalnode.codecs._int8 import INT8_BLOCK_SIZE, int8_error_bound
+import typing
+
+from petalnode import _lazy
 from petalnode.codecs._limits import DEFAULT_LIMITS, CodecLimits
 from petalnode.codecs._message import decode_message, encode_message, register_message
 from petalnode.codecs._msgpack import packb, unpackb
 from petalnode.codecs._registry import Message, registered_messages
 from petalnode.codecs._schema import wire_field
-from petalnode.codecs._tensor import ZSTD_LEVEL, TensorCodec, decode_tensor, encode_tensor
+from petalnode.codecs._tensor_codec import TensorCodec
+
+if typing.TYPE_CHECKING:
+    from petalnode.codecs._int8 import INT8_BLOCK_SIZE, int8_error_bound
+    from petalnode.codecs._tensor import ZSTD_LEVEL, decode_tensor, encode_tensor
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -49,3 +59,9 @@ __all__ = [
     "unpackb",
     "wire_field",
 ]
+
+# Names that need torch: loaded on first access, then cached in the module namespace.
+__getattr__, __dir__ = _lazy.exports(__name__, globals(), {
+    "petalnode.codecs._int8": ("INT8_BLOCK_SIZE", "int8_error_bound"),
+    "petalnode.codecs._tensor": ("ZSTD_LEVEL", "decode_tensor", "encode_tensor"),
+})

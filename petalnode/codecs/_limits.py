@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from petalnode.errors import ConfigError
+from petalnode.errors import CodecError, ConfigError
 
 MIB = 1 << 20
 
@@ -55,3 +55,15 @@ class CodecLimits:
 
 
 DEFAULT_LIMITS = CodecLimits()
+
+
+@dataclass(slots=True)
+class DecodeBudget:
+    """Bytes of tensor data still allowed for one message (`max_decoded_bytes`); shared by all tensors in it."""
+
+    remaining: int
+
+    def spend(self, nbytes: int) -> None:
+        if nbytes > self.remaining:
+            raise CodecError(f"tensor data exceeds the per-message limit (needs {nbytes}, {self.remaining} left)")
+        self.remaining -= nbytes

@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 from typing import TypeVar
 
-from petalnode.codecs._limits import DEFAULT_LIMITS, CodecLimits
+from petalnode.codecs._limits import DEFAULT_LIMITS, CodecLimits, DecodeBudget
 from petalnode.codecs._msgpack import packb, unpackb
 from petalnode.codecs._registry import Message, add
 from petalnode.codecs._schema import DecodeContext, EncodeContext, decode_envelope, encode_envelope, schema_of
 from petalnode.codecs._schema import forget_schema as _forget_schema
-from petalnode.codecs._tensor import DecodeBudget, TensorCodec
+from petalnode.codecs._tensor_codec import TensorCodec
 from petalnode.errors import CodecError
 
 M = TypeVar("M", bound=Message)

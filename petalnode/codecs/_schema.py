@@ -3,13 +3,19 @@
 # Envelope (a msgpack map with exactly these keys, in this order):
 #   "k": str   the message KIND
 #   "v": int   the sender's VERSION of that kind (>= 0)
-#   "b": map   the body: field name -> value, in declaration order
+#   "b": map   the body: field name -> value, in declaration order (a field's `wire_name` replaces its name
+#              as the key: short keys for records that must stay small, such as the DHT announcement; a
+#              field declared with `omit_default` is left out while it equals its default)
 # A nested Message field is itself an envelope, so a field typed with a base class accepts any registered
 # subclass. A torch.Tensor field is a tensor map (see _tensor.py).
 #
 # Supported annotations: bool, int, float, str, bytes, None, X | None (Optional[X]), list[X], tuple[X, ...],
 # tuple[X, Y, ...], dict[str, X], enum.Enum subclasses with all-int or all-str values, Message subclasses (and
 # unions of them), torch.Tensor. Anything else is a TypeError when the class is registered.
+#
+# This module never imports torch, so messages without tensors (DHT, signaling, RPC control) cost no torch import.
+# torch.Tensor is a field type registered by _tensor.py (`register_field_type`), which is imported on first need:
+# when a field annotated torch.Tensor is compiled, torch is necessarily loaded already, so it costs nothing more.
 #
 # Invariants:
 # - Decoding checks every value against its annotation: bool is not int; ints lie in [min_value, max_value]
@@ -24,25 +30,22 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
+import sys
 import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
-import torch
-
-from petalnode.codecs._limits import CodecLimits
+from petalnode.codecs._limits import CodecLimits, DecodeBudget
 from petalnode.codecs._registry import Message, lookup
-from petalnode.codecs._tensor import (
-    DecodeBudget,
-    TensorCodec,
-    decode_tensor_with_budget,
-    dtype_name,
-    encode_tensor,
-)
+from petalnode.codecs._tensor_codec import TensorCodec
 from petalnode.errors import CodecError
+
+if TYPE_CHECKING:
+    import torch
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -79,7 +82,7 @@ class FieldSpec:
         checks = [
             (spec.codec is None or isinstance(spec.codec, TensorCodec), "codec must be a TensorCodec"),
             (spec.zstd is None or type(spec.zstd) is bool, "zstd must be a bool"),
-            (spec.dtype is None or isinstance(spec.dtype, torch.dtype), "dtype must be a torch.dtype"),
+            (spec.dtype is None or _is_torch_dtype(spec.dtype), "dtype must be a torch.dtype"),
             (
                 spec.shape is None
                 or (isinstance(spec.shape, tuple) and all(d is None or type(d) is int for d in spec.shape)),
@@ -96,8 +99,15 @@ class FieldSpec:
             if not ok:
                 raise TypeError(f"{where}: {message}")
         if spec.dtype is not None:
+            from petalnode.codecs._tensor import dtype_name  # torch is loaded: spec.dtype is a torch.dtype
+
             dtype_name(spec.dtype)
         return spec
+
+
+def _is_torch_dtype(value: object) -> bool:
+    torch = sys.modules.get("torch")  # no torch loaded: nothing can be a torch.dtype
+    return torch is not None and isinstance(value, torch.dtype)
 
 
 def wire_field(
@@ -112,6 +122,8 @@ def wire_field(
     max_value: int | float | None = None,
     max_len: int | None = None,
     allow_nonfinite: bool = False,
+    wire_name: str | None = None,
+    omit_default: bool = False,
 ) -> Any:
     """A `dataclasses.field` carrying wire options for a Message field.
 
@@ -124,6 +136,10 @@ def wire_field(
         min_value, max_value: bounds for int and float values (ints default to the int64 range).
         max_len: most characters/bytes/items of the field's top-level str, bytes, list, tuple or dict.
         allow_nonfinite: accept NaN and infinity in float values (refused by default).
+        wire_name: the field's key in the encoded body, instead of its name (e.g. one letter, where every byte
+            counts); the name still appears in error messages. Changing it changes the wire format.
+        omit_default: leave the field out of the body while its value equals its default (the decoder fills
+            the default back in); for optional fields that are usually empty, again where every byte counts.
     """
     metadata = {
         key: value
@@ -140,6 +156,10 @@ def wire_field(
     }
     if allow_nonfinite:
         metadata["allow_nonfinite"] = True
+    if wire_name is not None:
+        metadata["wire_name"] = wire_name
+    if omit_default:
+        metadata["omit_default"] = True
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
@@ -212,25 +232,23 @@ def _compile_float(spec: FieldSpec) -> Converter:
     return _scalar(check)
 
 
-def _compile_tensor(spec: FieldSpec) -> Converter:
-    def encode(value: Any, ctx: EncodeContext) -> Any:
-        _expect(isinstance(value, torch.Tensor), "torch.Tensor", value)
-        if spec.dtype is not None and value.dtype != spec.dtype:
-            raise CodecError(f"tensor dtype {value.dtype} is not the field's {spec.dtype}")
-        if spec.shape is not None and (
-            value.dim() != len(spec.shape)
-            or any(e is not None and e != s for s, e in zip(value.shape, spec.shape, strict=True))
-        ):
-            raise CodecError(f"tensor shape {tuple(value.shape)} does not match the field's {spec.shape}")
-        codec = spec.codec
-        if codec is None:
-            codec = ctx.tensor_codec if value.is_floating_point() else TensorCodec.RAW
-        return encode_tensor(value, codec, zstd=ctx.zstd if spec.zstd is None else spec.zstd)
+# Field types that other modules of this package supply (torch.Tensor, from _tensor.py): type -> compiler.
+_FIELD_TYPES: dict[type, Callable[[FieldSpec], Converter]] = {}
 
-    def decode(value: Any, ctx: DecodeContext) -> torch.Tensor:
-        return decode_tensor_with_budget(value, ctx.limits, ctx.budget, spec.shape, spec.dtype)
 
-    return encode, decode
+def register_field_type(tp: type, compile_field: Callable[[FieldSpec], Converter]) -> None:
+    """Make `tp` a supported annotation, converted by `compile_field(spec)`'s (encode, decode) pair."""
+    _FIELD_TYPES[tp] = compile_field
+
+
+def _field_type(tp: Any) -> Callable[[FieldSpec], Converter] | None:
+    compile_field = _FIELD_TYPES.get(tp) if isinstance(tp, type) else None
+    torch = sys.modules.get("torch")
+    if compile_field is None and torch is not None and tp is torch.Tensor:
+        import petalnode.codecs._tensor  # noqa: F401  (registers torch.Tensor; torch itself is loaded already)
+
+        compile_field = _FIELD_TYPES.get(tp)
+    return compile_field
 
 
 def _compile_enum(tp: type[enum.Enum], where: str) -> Converter:
@@ -362,8 +380,9 @@ def compile_type(tp: Any, spec: FieldSpec, where: str, top: bool = True) -> Conv
         return encode_bytes, decode_bytes
     if tp is None or tp is type(None):
         return _scalar(lambda v: (_expect(v is None, "None", v), v)[1])
-    if tp is torch.Tensor:
-        return _compile_tensor(spec)
+    compile_field = _field_type(tp)
+    if compile_field is not None:
+        return compile_field(spec)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return _compile_enum(tp, where)
     if _is_message_class(tp):
@@ -395,6 +414,8 @@ def compile_type(tp: Any, spec: FieldSpec, where: str, top: bool = True) -> Conv
 @dataclass(frozen=True, slots=True)
 class _Field:
     name: str
+    key: str  # in the encoded body: the wire_name, else the name
+    omit: Callable[[Any], bool] | None  # omit_default: whether a value equals the default
     encode: Encoder
     decode: Decoder
     required: bool
@@ -403,10 +424,14 @@ class _Field:
 @dataclass(frozen=True, slots=True)
 class MessageSchema:
     fields: tuple[_Field, ...]
-    names: frozenset[str]
+    keys: frozenset[str]
 
 
 _SCHEMAS: dict[type[Message], MessageSchema] = {}
+
+
+def _same_value(default: Any, value: Any) -> bool:
+    return type(value) is type(default) and bool(value == default)
 
 
 def schema_of(cls: type[Message]) -> MessageSchema:
@@ -427,8 +452,20 @@ def schema_of(cls: type[Message]) -> MessageSchema:
             spec = FieldSpec.from_metadata(f.metadata, where)
             encode, decode = compile_type(hints[f.name], spec, where)
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            fields.append(_Field(f.name, encode, decode, required))
-        schema = MessageSchema(tuple(fields), frozenset(f.name for f in fields))
+            key = f.metadata.get("wire_name", f.name)
+            if type(key) is not str or not key:
+                raise TypeError(f"{where}: wire_name must be a non-empty str")
+            if any(key == other.key for other in fields):
+                raise TypeError(f"{where}: wire key {key!r} is already used by another field")
+            omit = None
+            if f.metadata.get("omit_default"):
+                if required:
+                    raise TypeError(f"{where}: omit_default needs a default")
+                default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                # Same type too: 0 == False and 1 == 1.0, but they travel differently.
+                omit = functools.partial(_same_value, default)
+            fields.append(_Field(f.name, key, omit, encode, decode, required))
+        schema = MessageSchema(tuple(fields), frozenset(f.key for f in fields))
         _SCHEMAS[cls] = schema
     return schema
 
@@ -443,8 +480,11 @@ def encode_envelope(msg: Message, ctx: EncodeContext) -> dict[str, Any]:
         raise CodecError(f"{cls.__qualname__} is not a registered message (use @register_message)")
     body: dict[str, Any] = {}
     for f in schema_of(cls).fields:
+        value = getattr(msg, f.name)
+        if f.omit is not None and f.omit(value):
+            continue
         try:
-            body[f.name] = f.encode(getattr(msg, f.name), ctx)
+            body[f.key] = f.encode(value, ctx)
         except CodecError as e:
             raise CodecError(f"{cls.KIND}.{f.name}: {e}") from None
     return {"k": cls.KIND, "v": cls.VERSION, "b": body}
@@ -473,15 +513,16 @@ def decode_envelope(obj: Any, ctx: DecodeContext, expected: tuple[type[Message],
     schema = schema_of(cls)
     kwargs: dict[str, Any] = {}
     for f in schema.fields:
-        if f.name in body:
+        if f.key in body:
             try:
-                kwargs[f.name] = f.decode(body[f.name], ctx)
+                kwargs[f.name] = f.decode(body[f.key], ctx)
             except CodecError as e:
                 raise CodecError(f"{kind}.{f.name}: {e}") from None
         elif f.required:
-            raise CodecError(f"{kind}: missing required field {f.name!r}")
+            named = f"{f.name!r}" if f.key == f.name else f"{f.name!r} (key {f.key!r})"
+            raise CodecError(f"{kind}: missing required field {named}")
     if version <= cls.VERSION and len(kwargs) != len(body):
-        unknown = sorted(short(k) for k in body.keys() - schema.names)
+        unknown = sorted(short(k) for k in body.keys() - schema.keys)
         raise CodecError(f"{kind}: unknown fields {', '.join(unknown)} at version {version}")
     try:
         return cls(**kwargs)

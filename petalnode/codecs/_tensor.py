@@ -17,20 +17,22 @@
 # - fp16/bf16 codecs: decode(encode(x)) == x.to(fp16 or bf16).to(x.dtype); a finite value that would overflow
 #   to infinity is refused at encode time. int8: see _int8.py for the error bound and non-finite handling.
 # - Every failure is a CodecError.
+# - Importing this module registers torch.Tensor as a message field type (_schema.py imports it on first need);
+#   it is the only module of petalnode.codecs, with _int8.py, that imports torch.
 
 from __future__ import annotations
 
-import enum
 import math
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import zstandard
 
 from petalnode.codecs._int8 import INT8_BLOCK_SIZE, MAX_INT8_BLOCK_SIZE, dequantize_int8, num_blocks, quantize_int8
-from petalnode.codecs._limits import DEFAULT_LIMITS, CodecLimits
+from petalnode.codecs._limits import DEFAULT_LIMITS, CodecLimits, DecodeBudget
+from petalnode.codecs._schema import Converter, DecodeContext, EncodeContext, FieldSpec, _expect, register_field_type
+from petalnode.codecs._tensor_codec import TensorCodec
 from petalnode.errors import CodecError
 
 ZSTD_LEVEL = 1
@@ -38,21 +40,6 @@ ZSTD_LEVEL = 1
 92 %) while level 1 is the fastest (1 ms for bf16, 0.5 ms for int8); negative levels do not compress at all."""
 
 _LITTLE_ENDIAN_HOST = sys.byteorder == "little"
-
-
-class TensorCodec(enum.Enum):
-    """How a floating tensor's values travel; the decoder always restores the original dtype."""
-
-    RAW = "raw"  # keep the dtype, bit-exact
-    FP16 = "fp16"  # IEEE half: exact for fp16 input, otherwise rounded
-    BF16 = "bf16"  # bfloat16: exact for bf16 input, otherwise rounded
-    INT8 = "int8"
-    """Blockwise symmetric int8 with an fp32 absmax scale per `block_size` elements (26.6 % of fp32 at 64).
-
-    Error bound per element x of a block with absmax A: |x - x'| <= A / 254 + A * 2**-20 + 2**-126 (half a
-    quantization step plus fp32 rounding), plus the rounding of the result into an fp16/bf16 original dtype.
-    NaN and infinity are refused at encode time with CodecError (see _int8.py)."""
-
 
 _DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
@@ -169,18 +156,6 @@ def encode_tensor(
 
 # ---------------------------------------------------------------------------------------------------------------
 # Decode
-
-
-@dataclass(slots=True)
-class DecodeBudget:
-    """Bytes of tensor data still allowed for one message; shared by all tensors in it."""
-
-    remaining: int
-
-    def spend(self, nbytes: int) -> None:
-        if nbytes > self.remaining:
-            raise CodecError(f"tensor data exceeds the per-message limit (needs {nbytes}, {self.remaining} left)")
-        self.remaining -= nbytes
 
 
 def _check_shape(shape: object, limits: CodecLimits) -> tuple[list[int], int]:
@@ -316,3 +291,31 @@ def decode_tensor(
     return decode_tensor_with_budget(
         obj, limits, DecodeBudget(limits.max_decoded_bytes), expected_shape, expected_dtype
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.Tensor as a message field type (see _schema.py: registered when this module is first imported)
+
+
+def _compile_tensor_field(spec: FieldSpec) -> Converter:
+    def encode(value: Any, ctx: EncodeContext) -> Any:
+        _expect(isinstance(value, torch.Tensor), "torch.Tensor", value)
+        if spec.dtype is not None and value.dtype != spec.dtype:
+            raise CodecError(f"tensor dtype {value.dtype} is not the field's {spec.dtype}")
+        if spec.shape is not None and (
+            value.dim() != len(spec.shape)
+            or any(e is not None and e != s for s, e in zip(value.shape, spec.shape, strict=True))
+        ):
+            raise CodecError(f"tensor shape {tuple(value.shape)} does not match the field's {spec.shape}")
+        codec = spec.codec
+        if codec is None:
+            codec = ctx.tensor_codec if value.is_floating_point() else TensorCodec.RAW
+        return encode_tensor(value, codec, zstd=ctx.zstd if spec.zstd is None else spec.zstd)
+
+    def decode(value: Any, ctx: DecodeContext) -> torch.Tensor:
+        return decode_tensor_with_budget(value, ctx.limits, ctx.budget, spec.shape, spec.dtype)
+
+    return encode, decode
+
+
+register_field_type(torch.Tensor, _compile_tensor_field)

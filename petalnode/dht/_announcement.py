@@ -7,19 +7,24 @@
 #   and a refresh of a 20-block span is 3-4 stores, not 20. The announcement inside says which blocks of the
 #   group the server really hosts; readers drop it where its range misses the group it was found under.
 # - The group size is part of the key text, so peers that group differently never misread each other's keys.
-# - Wire form is a msgpack map with one-letter string keys; keys we do not know (a newer version's fields)
-#   are ignored, keys we require must be present with the right type and range.
+# - Wire form: a registered petalnode.codecs message (KIND "dht.announcement", VERSION 1), so the envelope
+#   {"k": kind, "v": version, "b": body}, with one-letter body keys (`wire_name`) to keep records small:
+#   s state, m model, a start_block, b end_block, t throughput, c cache_tokens_left, x addresses, v version,
+#   n public_name, l adapters (n and l left out while None and empty). Record.value is exactly these bytes, and
+#   the record signature covers them.
+# - Versions: a reader decodes an announcement of a newer VERSION, ignoring body keys it does not know (fields
+#   added later), and checks the ones it knows as usual; one that then fails (a field it requires is missing or
+#   has another type) is refused with a CodecError naming the field, and a swarm lookup skips just that record
+#   (node/_swarm.py). A change that alters the meaning of existing fields needs a new KIND, not a new VERSION.
 # - The encoded announcement always fits a DHT record value (MAX_VALUE_BYTES), checked at encode time.
-# - Decoding never evaluates anything and uses strict msgpack size limits.
+# - Decoding never evaluates anything and uses the codecs' bounded msgpack decoder under ANNOUNCEMENT_LIMITS.
 from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
-import msgpack
-
+from petalnode.codecs import CodecLimits, Message, decode_message, encode_message, register_message, wire_field
 from petalnode.dht._record import MAX_VALUE_BYTES
 from petalnode.errors import CodecError
 
@@ -31,6 +36,12 @@ MAX_MODEL_CHARS = 128
 MAX_BLOCKS = 100_000
 MAX_ADAPTERS = 8
 MAX_ADAPTER_CHARS = 64
+# An announcement is one record value: at most MAX_VALUE_BYTES, a handful of maps and arrays (the envelope, the
+# body, addresses, adapters), each at most 64 items; depth 8 leaves room for nested fields of later versions.
+ANNOUNCEMENT_LIMITS = CodecLimits(
+    max_message_bytes=MAX_VALUE_BYTES, max_str_len=MAX_VALUE_BYTES, max_bytes_len=MAX_VALUE_BYTES,
+    max_container_len=64, max_depth=8, max_objects=MAX_VALUE_BYTES,
+)
 
 
 class ServerState(enum.IntEnum):
@@ -67,21 +78,24 @@ def model_keys(model: str, num_blocks: int) -> dict[str, tuple[int, int]]:
     }
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Announcement:
+@register_message
+class Announcement(Message):
     """One server's state for its contiguous block range [start_block, end_block)."""
 
-    state: ServerState
-    model: str
-    start_block: int
-    end_block: int
-    throughput: float
-    cache_tokens_left: int
-    addresses: tuple[str, ...]
-    version: str
-    public_name: str | None = None
+    KIND: ClassVar[str] = "dht.announcement"
+    VERSION: ClassVar[int] = 1
+
+    state: ServerState = wire_field(wire_name="s")
+    model: str = wire_field(wire_name="m", max_len=MAX_MODEL_CHARS)
+    start_block: int = wire_field(wire_name="a", min_value=0, max_value=2**53 - 1)
+    end_block: int = wire_field(wire_name="b", min_value=0, max_value=2**53 - 1)
+    throughput: float = wire_field(wire_name="t", min_value=0.0)
+    cache_tokens_left: int = wire_field(wire_name="c", min_value=0, max_value=2**53 - 1)
+    addresses: tuple[str, ...] = wire_field(wire_name="x", max_len=MAX_ADDRESSES)
+    version: str = wire_field(wire_name="v", max_len=MAX_VERSION_CHARS)
+    public_name: str | None = wire_field(default=None, wire_name="n", max_len=MAX_PUBLIC_NAME_CHARS, omit_default=True)
     # Names of the LoRA adapters this server can apply (clients asking for one route only through such servers).
-    adapters: tuple[str, ...] = ()
+    adapters: tuple[str, ...] = wire_field(default=(), wire_name="l", max_len=MAX_ADAPTERS, omit_default=True)
 
     def __post_init__(self) -> None:
         if not isinstance(self.state, ServerState):
@@ -112,57 +126,15 @@ class Announcement:
         return block_keys(self.model, self.start_block, self.end_block)
 
     def to_bytes(self) -> bytes:
-        wire: dict[str, Any] = {
-            "s": int(self.state), "m": self.model, "a": self.start_block, "b": self.end_block,
-            "t": self.throughput, "c": self.cache_tokens_left, "x": list(self.addresses), "v": self.version,
-        }
-        if self.public_name is not None:
-            wire["n"] = self.public_name
-        if self.adapters:
-            wire["l"] = list(self.adapters)
-        data = msgpack.packb(wire, use_bin_type=True)
-        if len(data) > MAX_VALUE_BYTES:
-            raise CodecError(f"announcement of {len(data)} bytes exceeds {MAX_VALUE_BYTES}")
-        return data
+        """The record value: the encoded message. Raises `CodecError` if it would not fit a DHT value."""
+        return encode_message(self, limits=ANNOUNCEMENT_LIMITS)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Announcement:
-        """Parse and validate; fields unknown to this version are ignored. Raises `CodecError`."""
-        if not isinstance(data, bytes) or len(data) > MAX_VALUE_BYTES:
-            raise CodecError("announcement must be bytes within the DHT value limit")
-        try:
-            wire = msgpack.unpackb(
-                data, raw=False, strict_map_key=True, max_str_len=MAX_VALUE_BYTES, max_bin_len=MAX_VALUE_BYTES,
-                max_array_len=64, max_map_len=64, max_ext_len=0,
-            )
-        except Exception as e:  # msgpack raises several unrelated types
-            raise CodecError(f"undecodable announcement: {type(e).__name__}") from e
-        if not isinstance(wire, dict):
-            raise CodecError("announcement must be a map")
-        try:
-            state = ServerState(_get(wire, "s", int))
-        except ValueError as e:
-            raise CodecError(f"unknown announcement state {wire.get('s')!r}") from e
-        throughput = _get(wire, "t", (int, float))
-        addresses = _get(wire, "x", list)
-        name = wire.get("n")
-        adapters = wire.get("l", [])
-        if not isinstance(adapters, list):
-            raise CodecError("announcement field 'l' has the wrong type")
-        return cls(
-            state=state, model=_get(wire, "m", str), start_block=_get(wire, "a", int), end_block=_get(wire, "b", int),
-            throughput=float(throughput), cache_tokens_left=_get(wire, "c", int), addresses=tuple(addresses),
-            version=_get(wire, "v", str), public_name=name, adapters=tuple(adapters),
-        )
-
-
-def _get(wire: dict[str, Any], key: str, types: type | tuple[type, ...]) -> Any:
-    if key not in wire:
-        raise CodecError(f"announcement is missing field {key!r}")
-    value = wire[key]
-    if isinstance(value, bool) or not isinstance(value, types):
-        raise CodecError(f"announcement field {key!r} has the wrong type")
-    return value
+        """Parse and validate a record value (see the module header for versions). Raises `CodecError`."""
+        if not isinstance(data, bytes):
+            raise CodecError(f"an announcement is bytes, got {type(data).__name__}")
+        return decode_message(data, limits=ANNOUNCEMENT_LIMITS, expected=cls)  # type: ignore[return-value]
 
 
 def _check_text(name: str, value: object, max_chars: int, *, allow_empty: bool) -> None:

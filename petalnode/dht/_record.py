@@ -26,8 +26,9 @@ from petalnode.errors import InvalidRecordError
 from petalnode.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, PeerId, verify_signature
 
 DHT_KEY_BYTES = 20
-# An announcement is ~150-400 bytes; 1 KiB leaves room for several addresses and a public name, while a record
-# (value + ~140 bytes of key, public key, signature, expiry, seq) stays far below rpcudp's 8192-byte request cap.
+# An announcement is ~110-400 bytes (146 typical); 1 KiB leaves room for several addresses and a public name, while
+# a record (value + ~140 bytes of key, public key, signature, expiry, seq) stays far below rpcudp's 8192-byte
+# request cap.
 MAX_VALUE_BYTES = 1024
 MAX_RECORD_WIRE_BYTES = MAX_VALUE_BYTES + 160
 # Petals keeps announcements for about 2x the update period; we refresh every ttl/2, so 1 hour is generous.

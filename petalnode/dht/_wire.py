@@ -2,7 +2,9 @@
 #
 # Framing is rpcudp's: 1 kind byte (0 request, 1 response), a 20-byte message id, then msgpack. A request body is
 # [name, args]; a response body is whatever the handler returned. Everything decoded here is untrusted, so:
-# - msgpack is unpacked with explicit size limits (no ext types, string map keys only);
+# - the body goes through petalnode.codecs' bounded msgpack decoder (the one every wire format uses) under
+#   DHT_LIMITS: at most 8192 bytes, 256 items per array or map, nesting depth 8, one object spanning the whole
+#   body, no ext types, str map keys only, no duplicate keys;
 # - nothing leaves this module unvalidated: node ids are 20 bytes, contacts are (id, host, port) with a real
 #   host string and port, so a `(id, None, None)` contact never reaches a socket call;
 # - every failure raises `RemoteProtocolError` (or `CodecError` for undecodable bytes), never anything else.
@@ -11,8 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
-
+from petalnode.codecs import CodecLimits, packb, unpackb
 from petalnode.errors import CodecError, LocalProtocolError, RemoteProtocolError
 
 KIND_REQUEST = 0x00
@@ -23,9 +24,12 @@ NODE_ID_BYTES = 20
 MAX_BODY_BYTES = 8192
 MAX_DATAGRAM_BYTES = 1 + MSG_ID_BYTES + MAX_BODY_BYTES
 MAX_HOST_CHARS = 255
-# Pages and contact lists are a few dozen entries at most; anything larger is hostile.
-_MAX_ARRAY_LEN = 256
-_MAX_MAP_LEN = 8
+# Pages and contact lists are a few dozen entries at most, and the deepest legitimate body is a STORE request,
+# [name, [id, key, [record [fields]]]] (depth 4); anything larger or deeper is hostile.
+DHT_LIMITS = CodecLimits(
+    max_message_bytes=MAX_BODY_BYTES, max_str_len=MAX_BODY_BYTES, max_bytes_len=MAX_BODY_BYTES,
+    max_container_len=256, max_depth=8, max_objects=MAX_BODY_BYTES,
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -45,21 +49,19 @@ Contact = tuple[bytes, str, int]
 
 
 def pack_body(obj: object) -> bytes:
-    """Pack a request or response body; raises `LocalProtocolError` if it would not fit a datagram."""
-    data = msgpack.packb(obj, use_bin_type=True)
-    if len(data) > MAX_BODY_BYTES:
-        raise LocalProtocolError(f"DHT message of {len(data)} bytes exceeds {MAX_BODY_BYTES}")
-    return data
+    """Pack a request or response body; raises `LocalProtocolError` if a peer would refuse it (too large...)."""
+    try:
+        return packb(obj, DHT_LIMITS)
+    except CodecError as e:
+        raise LocalProtocolError(f"cannot send DHT message: {e}") from None
 
 
 def unpack_body(data: bytes) -> Any:
+    """Parse a datagram body under DHT_LIMITS; raises `CodecError`."""
     try:
-        return msgpack.unpackb(
-            data, raw=False, use_list=True, strict_map_key=True, max_str_len=MAX_BODY_BYTES,
-            max_bin_len=MAX_BODY_BYTES, max_array_len=_MAX_ARRAY_LEN, max_map_len=_MAX_MAP_LEN, max_ext_len=0,
-        )
-    except Exception as e:  # msgpack raises many types (ValueError, ExtraData, StackError, FormatError...)
-        raise CodecError(f"undecodable DHT datagram body: {type(e).__name__}") from e
+        return unpackb(data, DHT_LIMITS)
+    except CodecError as e:
+        raise CodecError(f"undecodable DHT datagram body: {e}") from None
 
 
 def parse_datagram(data: bytes) -> Datagram:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from petalnode.errors import ConfigError
 from petalnode.node._executor import ComputeExecutor
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -63,6 +64,8 @@ class TorchBackend:
         return load_block_span(info, start, end, dtype=dtype, device=device, progress=progress)
 
     def throughput(self, info: Any, span: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> float:
+        import torch
+
         from petalnode.node._throughput import cached_block_throughput
 
         key = f"{info.source.name}|{device}|{dtype}|threads={torch.get_num_threads()}"

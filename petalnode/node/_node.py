@@ -22,21 +22,24 @@ import socket
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from petalnode import __version__
-from petalnode.compute import DEFAULT_CACHE_TOKENS_PER_BLOCK, ModelInfo, ServePlan, SessionManager, plan_serving
+from petalnode.compute import DEFAULT_CACHE_TOKENS_PER_BLOCK, ServePlan, plan_serving
 from petalnode.dht import MAX_ADAPTERS, Announcement, DHTNode, ServerState, block_keys
 from petalnode.errors import ClosedResourceError, ConfigError, DHTError, InvalidStateError
 from petalnode.identity import Identity, PeerAddress
 from petalnode.node._backend import ComputeBackend, TorchBackend, split_adapter_spec
-from petalnode.node._block_server import BlockServer, HostedSpan
 from petalnode.node._placement import choose_blocks, join_recheck_waits, rebalance_target
 from petalnode.node._signaling import NatOptions, Signaling
 from petalnode.node._swarm import fetch_swarm
 from petalnode.transport import RPC, TcpTransport, Transport
+
+if TYPE_CHECKING:  # serving only: a bootstrap node never loads torch (tests/cli/test_cli_bootstrap_imports.py)
+    import torch
+
+    from petalnode.compute import ModelInfo, SessionManager
+    from petalnode.node._block_server import BlockServer, HostedSpan
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +290,8 @@ class Node:
         self._serve_state = _ServeState(info=info, device=device, dtype=dtype, plan=plan)
         hosted, sessions = await self._load(start, end)
         self.hosted, self._sessions = hosted, sessions
+        from petalnode.node._block_server import BlockServer
+
         self._server = BlockServer(hosted, sessions, self._executor)
         self._server.register(self.rpc)
         await self._announce_online(hosted, sessions)
@@ -298,6 +303,9 @@ class Node:
 
     async def _load(self, start: int, end: int) -> tuple[HostedSpan, SessionManager]:
         """Load blocks [start, end), measure them, and give them a session manager with the cache budget."""
+        from petalnode.compute import SessionManager
+        from petalnode.node._block_server import HostedSpan
+
         compute = self.compute
         state, options = self._serve_state, self.serve_options
         assert state is not None and options is not None

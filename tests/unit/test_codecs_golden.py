@@ -5,9 +5,10 @@ decodes the stored bytes and compares the result with the input (raw codecs) and
 value recorded in manifest.json (all codecs). zstd frames are compared after decompression, because another
 zstd release may compress differently while staying compatible.
 
-After an intended format change, regenerate with
-    PETALNODE_REGEN_GOLDEN=1 .venv/bin/pytest tests/unit/test_codecs_golden.py
-and review the diff: changed bytes mean old peers can no longer talk to new ones.
+Checking never writes the files. After an intended format change, regenerate them as a separate step
+    PYTHONPATH=. .venv/bin/python -m tests.unit.test_codecs_golden
+then run the tests and review the diff: changed bytes mean old peers can no longer talk to new ones. (The old way,
+PETALNODE_REGEN_GOLDEN=1 under pytest, rewrote the files in the very run that checked them, so it always passed.)
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -40,7 +40,6 @@ from petalnode.codecs import (
 
 GOLDEN_DIR = Path(__file__).parent / "golden" / "codecs"
 MANIFEST = GOLDEN_DIR / "manifest.json"
-REGENERATE = os.environ.get("PETALNODE_REGEN_GOLDEN") == "1"
 
 
 def pattern(n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -187,9 +186,8 @@ def load_manifest() -> dict[str, str]:
     return json.loads(MANIFEST.read_text()) if MANIFEST.exists() else {}
 
 
-def test_regenerate_if_asked() -> None:
-    if not REGENERATE:
-        pytest.skip("set PETALNODE_REGEN_GOLDEN=1 to rewrite the golden files")
+def write_golden() -> None:
+    """Rewrite every golden file and the manifest from the cases (a separate step, never run by the tests)."""
     GOLDEN_DIR.mkdir(parents=True, exist_ok=True)
     manifest = {}
     for name in ALL_CASES:
@@ -228,3 +226,8 @@ def test_every_golden_file_has_a_case() -> None:
     assert set(load_manifest()) == set(ALL_CASES)
     codecs_covered = {case[1] for case in TENSOR_CASES.values()}
     assert codecs_covered == set(TensorCodec)
+
+
+if __name__ == "__main__":
+    write_golden()
+    print(f"rewrote the golden files in {GOLDEN_DIR}; run the tests and review the diff before committing")

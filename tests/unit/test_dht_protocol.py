@@ -11,7 +11,7 @@ from kademlia.node import Node
 from petalnode.dht import DHTNode, Record, dht_key
 from petalnode.dht._routing import HEAD_CHECK_INTERVAL_S, LONELY_AFTER_S, DecidingRoutingTable
 from petalnode.dht._wire import pack_body
-from petalnode.errors import ClosedResourceError, ConfigError, InvalidStateError, RemoteProtocolError
+from petalnode.errors import ClosedResourceError, ConfigError, DHTError, InvalidStateError, RemoteProtocolError
 from petalnode.identity import Identity
 from petalnode.transport import MemoryNetwork
 
@@ -46,7 +46,7 @@ async def test_store_and_get_between_two_nodes_and_lifecycle_errors() -> None:
 
 async def test_bootstrap_to_nobody_raises() -> None:
     network = MemoryNetwork()
-    with pytest.raises(Exception, match="no DHT bootstrap node answered"):
+    with pytest.raises(DHTError, match="no DHT bootstrap node answered"):
         await node(network, "lonely").start(listen=("x", 1), bootstrap=[("nowhere", 9)])
 
 

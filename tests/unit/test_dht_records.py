@@ -1,4 +1,5 @@
-"""Signed records, per-writer storage, the announcement schema and the public surface of petalnode.dht."""
+"""Signed records, per-writer storage and the public surface of petalnode.dht (announcements: see
+test_dht_announcement.py)."""
 
 from __future__ import annotations
 
@@ -10,22 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import petalnode.dht
-from petalnode.dht import (
-    BLOCKS_PER_KEY,
-    MAX_VALUE_BYTES,
-    Announcement,
-    Record,
-    ServerState,
-    block_key,
-    block_keys,
-    dht_key,
-    model_keys,
-)
+from petalnode.dht import MAX_VALUE_BYTES, Record, dht_key
 from petalnode.dht._protocol import PAGE_BUDGET_BYTES, batch_records
 from petalnode.dht._record import _verified
 from petalnode.dht._storage import RecordStorage
 from petalnode.dht._wire import MAX_BODY_BYTES, pack_body
-from petalnode.errors import CodecError, DHTError, InvalidRecordError
+from petalnode.errors import DHTError, InvalidRecordError
 from petalnode.identity import Identity
 
 NOW = 1_700_000_000.0
@@ -239,83 +230,3 @@ def test_storage_reads_agree_with_a_plain_model_through_puts_expiry_and_pages(
             if cursor is None:
                 break
         assert paged == live
-
-
-def announcement(**overrides: object) -> Announcement:
-    fields: dict[str, object] = dict(
-        state=ServerState.ONLINE, model="smollm2-135m", start_block=4, end_block=12, throughput=123.5,
-        cache_tokens_left=8192, addresses=("tcp://203.0.113.5:31337",), version="0.1.0", public_name="alice",
-    )
-    fields.update(overrides)
-    return Announcement(**fields)  # type: ignore[arg-type]
-
-
-# Golden bytes: the wire form is a contract between versions.
-GOLDEN = bytes.fromhex(
-    "89a17302a16dac736d6f6c6c6d322d3133356da16104a1620ca174cb405ee00000000000a163cd2000a17891b7"
-    "7463703a2f2f3230332e302e3131332e353a3331333337a176a5302e312e30a16ea5616c696365"
-)
-
-
-def test_announcement_golden_bytes_and_round_trip() -> None:
-    ann = announcement()
-    assert ann.to_bytes() == GOLDEN
-    assert Announcement.from_bytes(GOLDEN) == ann
-    assert ann.block_keys() == ["smollm2-135m.0:8", "smollm2-135m.8:16"]  # blocks 4-11 overlap two groups of 8
-    assert Announcement.from_bytes(announcement(public_name=None).to_bytes()).public_name is None
-
-
-@pytest.mark.parametrize(
-    ("start", "end", "keys"),
-    [(0, 1, ["m.0:8"]), (0, 8, ["m.0:8"]), (7, 9, ["m.0:8", "m.8:16"]), (8, 30, ["m.8:16", "m.16:24", "m.24:32"])],
-)
-def test_a_server_announces_under_one_key_per_group_of_blocks(start: int, end: int, keys: list[str]) -> None:
-    assert BLOCKS_PER_KEY == 8
-    assert block_keys("m", start, end) == keys
-    assert all(block_key("m", b) in keys for b in range(start, end))
-
-
-def test_a_reader_looks_up_every_group_of_the_model_once() -> None:
-    assert model_keys("m", 30) == {"m.0:8": (0, 8), "m.8:16": (8, 16), "m.16:24": (16, 24), "m.24:32": (24, 30)}
-    assert model_keys("m", 8) == {"m.0:8": (0, 8)}
-    # Every block of the model is covered by exactly one key, and that key is where its servers announce.
-    for num_blocks in (1, 7, 8, 9, 80):
-        groups = model_keys("m", num_blocks)
-        for block in range(num_blocks):
-            assert [k for k, (a, b) in groups.items() if a <= block < b] == [block_key("m", block)]
-    with pytest.raises(ValueError):
-        block_key("m", -1)
-
-
-def test_announcement_adapters_round_trip_and_are_omitted_when_empty() -> None:
-    ann = announcement(adapters=("sql-lora", "chat"))
-    assert Announcement.from_bytes(ann.to_bytes()) == ann
-    assert "l" not in msgpack.unpackb(announcement().to_bytes())
-
-
-def test_announcement_ignores_unknown_fields_from_newer_versions() -> None:
-    wire = msgpack.unpackb(GOLDEN)
-    wire["zz"] = {"future": [1, 2, 3]}
-    assert Announcement.from_bytes(msgpack.packb(wire)) == announcement()
-
-
-@pytest.mark.parametrize(
-    "mutate",
-    [lambda w: w.pop("m"), lambda w: w.update(s=9), lambda w: w.update(a=20), lambda w: w.update(t="fast"),
-     lambda w: w.update(x=["a" * 500]), lambda w: w.update(c=True), lambda w: w.update(t=float("inf")),
-     lambda w: w.update(l="lora"), lambda w: w.update(l=[""]), lambda w: w.update(l=["x" * 65]),
-     lambda w: w.update(l=[f"a{i}" for i in range(9)]), lambda w: w.update(l=[3])],
-)
-def test_announcement_rejects_bad_fields(mutate) -> None:
-    wire = msgpack.unpackb(GOLDEN)
-    mutate(wire)
-    with pytest.raises(CodecError):
-        Announcement.from_bytes(msgpack.packb(wire))
-
-
-def test_announcement_rejects_garbage_and_oversize() -> None:
-    for data in (b"", b"\xc1", msgpack.packb([1, 2]), b"\x00" * (MAX_VALUE_BYTES + 1)):
-        with pytest.raises(CodecError):
-            Announcement.from_bytes(data)
-    with pytest.raises(CodecError):
-        announcement(addresses=tuple(f"tcp://10.0.0.{i}:1" for i in range(20)))

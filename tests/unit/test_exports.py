@@ -19,8 +19,10 @@ def test_all_is_sorted_and_complete(name: str) -> None:
     assert exported == sorted(exported, key=lambda n: (0 if n.isupper() else 1 if n[0].isupper() else 2, n))
     for item in exported:
         assert hasattr(package, item), f"{name}.__all__ names missing {item}"
+    # dir(), not vars(): a package may load some names on first access (PEP 562 `__getattr__` and `__dir__`).
     public = {
-        attr for attr, value in vars(package).items()
-        if not attr.startswith("_") and not isinstance(value, types.ModuleType) and attr != "annotations"
+        attr for attr in dir(package)
+        if not attr.startswith("_") and not isinstance(getattr(package, attr), types.ModuleType)
+        and attr != "annotations"
     }
     assert public == set(exported), f"{name}: public but not exported: {public - set(exported)}"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 import pytest
 
-from petalnode.dht import Announcement, ServerState
-from petalnode.identity import PeerId
+from petalnode.codecs import packb, unpackb
+from petalnode.dht import Announcement, Record, ServerState, dht_key
+from petalnode.identity import Identity, PeerId
+from petalnode.node import fetch_swarm
 from petalnode.node._swarm_view import ServerView, SwarmView, describe_runs, runs_where
 
 MODEL = "tiny-llama"
@@ -141,3 +144,24 @@ def test_merge_of_group_keys_keeps_announcements_that_overlap_their_group() -> N
         pid(1): (6, 10), pid(2): (0, 3), pid(4): (12, 14)
     }
     assert view.block_coverage() == [1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 0, 0, 1, 1]
+
+
+def test_a_lookup_skips_announcements_it_refuses_and_keeps_the_rest() -> None:
+    def record(seed: bytes, value: bytes) -> Record:
+        return Record.create(Identity.from_seed(seed), key=dht_key(f"{MODEL}.0:8"), value=value,
+                             expires_at=2e9, seq=1)
+
+    newer = unpackb(ann(0, 6).to_bytes())
+    newer["v"], newer["b"]["q"] = 2, "a field added later"  # read: the unknown field is ignored
+    broken = unpackb(ann(0, 6).to_bytes())
+    broken["v"] = 2
+    del broken["b"]["m"]  # refused: a newer version without a field this one needs
+    good, read, refused = (record(b"good", ann(0, 6).to_bytes()), record(b"newer", packb(newer)),
+                           record(b"broken", packb(broken)))
+
+    class FakeDHT:
+        async def get_many(self, keys: object) -> dict:
+            return {f"{MODEL}.0:8": {r.peer_id: r for r in (good, read, refused)}}
+
+    view = asyncio.run(fetch_swarm(FakeDHT(), MODEL, 6))  # type: ignore[arg-type]
+    assert set(view.servers) == {good.peer_id, read.peer_id}
