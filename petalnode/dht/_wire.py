@@ -4,7 +4,8 @@
 # [name, args]; a response body is whatever the handler returned. Everything decoded here is untrusted, so:
 # - the body goes through petalnode.codecs' bounded msgpack decoder (the one every wire format uses) under
 #   DHT_LIMITS: at most 8192 bytes, 256 items per array or map, nesting depth 8, one object spanning the whole
-#   body, no ext types, str map keys only, no duplicate keys;
+#   body, no ext types, str map keys only, no duplicate keys. Its pure-Python pre-scan is the price: measured
+#   ~150 us to pack and ~175 us to parse a full 6.5 KB FIND_VALUE page (bare C msgpack: 7-8 us);
 # - nothing leaves this module unvalidated: node ids are 20 bytes, contacts are (id, host, port) with a real
 #   host string and port, so a `(id, None, None)` contact never reaches a socket call;
 # - every failure raises `RemoteProtocolError` (or `CodecError` for undecodable bytes), never anything else.
