@@ -33,7 +33,8 @@ from petalnode.node._backend import ComputeBackend, TorchBackend, split_adapter_
 from petalnode.node._placement import choose_blocks, join_recheck_waits, rebalance_target
 from petalnode.node._signaling import NatOptions, Signaling
 from petalnode.node._swarm import fetch_swarm
-from petalnode.transport import RPC, TcpTransport, Transport
+from petalnode.rpc import RPC
+from petalnode.transport import TcpTransport, Transport
 
 if TYPE_CHECKING:  # serving only: a bootstrap node never loads torch (tests/cli/test_cli_bootstrap_imports.py)
     import torch

@@ -41,14 +41,12 @@ from petalnode.errors import (
     UnknownSessionError,
 )
 from petalnode.identity import PEER_ID_BYTES, Identity, PeerAddress, PeerId
+from petalnode.rpc import RPC, CallContext, RPCStream
 from petalnode.transport import (
-    RPC,
-    CallContext,
     Connection,
     IceServer,
     MultiTransport,
     RelayData,
-    RPCStream,
     SignedDescription,
     StunServer,
     TcpTransport,

@@ -30,8 +30,8 @@ from petalnode.errors import (
     TransportError,
 )
 from petalnode.identity import Identity, PeerId
+from petalnode.rpc._rpc_stream import RPCStream
 from petalnode.transport import _handshake as hs
-from petalnode.transport._rpc_stream import RPCStream
 
 HIGH_WATER_BYTES = 1024 * 1024
 # A sealed record: 4-byte length, the frame, a 16-byte tag; frames are at most 240 KiB + 6.

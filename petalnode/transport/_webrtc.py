@@ -45,12 +45,12 @@ from petalnode.errors import (
     TransportError,
 )
 from petalnode.identity import Identity, PeerAddress, PeerId
+from petalnode.rpc._rpc_stream import RPCStream
 from petalnode.transport import _webrtc_signing as signing
 from petalnode.transport._base import CONNECT_TIMEOUT_S, ConnectionConfig, ConnectionHandler
 from petalnode.transport._frames import HEADER_BYTES
 from petalnode.transport._mux import MuxConnection
 from petalnode.transport._relayed import RelayedFrames, secure_relayed
-from petalnode.transport._rpc_stream import RPCStream
 from petalnode.transport._webrtc_signing import SignedDescription
 
 log = logging.getLogger(__name__)

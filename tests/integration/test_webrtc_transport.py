@@ -17,7 +17,8 @@ from petalnode.errors import ConnectionClosedError, ConnectTimeoutError, PeerIdM
 from petalnode.identity import Identity, PeerAddress
 from petalnode.node import Node
 from petalnode.node._signaling import NatOptions, Signaling, WebRTCInfo, WebRTCInfoRequest
-from petalnode.transport import RPC, ConnectionConfig, SignedDescription, StunServer, WebRTCTransport
+from petalnode.rpc import RPC
+from petalnode.transport import ConnectionConfig, SignedDescription, StunServer, WebRTCTransport
 from petalnode.transport import _webrtc_signing as signing
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

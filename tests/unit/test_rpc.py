@@ -20,15 +20,8 @@ from petalnode.errors import (
     UnknownSessionError,
 )
 from petalnode.identity import Identity, PeerAddress
-from petalnode.transport import (
-    RPC,
-    CallContext,
-    ConnectionConfig,
-    EndOfStreamError,
-    LinkConfig,
-    MemoryNetwork,
-    RPCStream,
-)
+from petalnode.rpc import RPC, CallContext, RPCStream
+from petalnode.transport import ConnectionConfig, EndOfStreamError, LinkConfig, MemoryNetwork
 
 
 @register_message

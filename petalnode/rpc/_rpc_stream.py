@@ -26,7 +26,7 @@ from petalnode.errors import (
     error_from_code,
 )
 from petalnode.identity import PeerId
-from petalnode.transport import _rpc_wire as wire
+from petalnode.rpc import _rpc_wire as wire
 from petalnode.transport._base import EndOfStreamError, Stream
 
 log = logging.getLogger(__name__)
