@@ -40,7 +40,7 @@ from petalnode.errors import (
 from petalnode.identity import PeerAddress, PeerId
 from petalnode.rpc import _rpc_wire as wire
 from petalnode.rpc._rpc_stream import HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, RPCStream
-from petalnode.transport._base import CONNECT_TIMEOUT_S, Connection, EndOfStreamError, Listener, Stream, Transport
+from petalnode.transport import CONNECT_TIMEOUT_S, Connection, EndOfStreamError, Listener, Stream, Transport
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from petalnode.errors import (
 )
 from petalnode.identity import PeerId
 from petalnode.rpc import _rpc_wire as wire
-from petalnode.transport._base import EndOfStreamError, Stream
+from petalnode.transport import EndOfStreamError, Stream
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from petalnode.transport._base import (
 from petalnode.transport._memory import LinkConfig, MemoryDatagramTransport, MemoryNetwork
 from petalnode.transport._memory_transport import MemoryTransport
 from petalnode.transport._multi import MultiTransport
-from petalnode.transport._relayed import RelayData
+from petalnode.transport._relayed import RelayChannel, RelayData
 from petalnode.transport._stun import StunServer
 from petalnode.transport._tcp import TcpTransport
 from petalnode.transport._webrtc import IceServer, RelaySignaler, Signaler, WebRTCTransport, describe_path
@@ -37,6 +37,7 @@ __all__ = [
     "MemoryNetwork",
     "MemoryTransport",
     "MultiTransport",
+    "RelayChannel",
     "RelayData",
     "RelaySignaler",
     "Signaler",

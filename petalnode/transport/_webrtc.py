@@ -45,12 +45,11 @@ from petalnode.errors import (
     TransportError,
 )
 from petalnode.identity import Identity, PeerAddress, PeerId
-from petalnode.rpc._rpc_stream import RPCStream
 from petalnode.transport import _webrtc_signing as signing
 from petalnode.transport._base import CONNECT_TIMEOUT_S, ConnectionConfig, ConnectionHandler
 from petalnode.transport._frames import HEADER_BYTES
 from petalnode.transport._mux import MuxConnection
-from petalnode.transport._relayed import RelayedFrames, secure_relayed
+from petalnode.transport._relayed import RelayChannel, RelayedFrames, secure_relayed
 from petalnode.transport._webrtc_signing import SignedDescription
 
 log = logging.getLogger(__name__)
@@ -92,7 +91,7 @@ class Signaler(Protocol):
 class RelaySignaler(Signaler, Protocol):
     """A signaler whose relay can also carry the data when no direct path exists."""
 
-    async def open_relay(self, address: PeerAddress) -> RPCStream:
+    async def open_relay(self, address: PeerAddress) -> RelayChannel:
         """A stream that the relay of `address` pipes to `address.peer_id` (opaque `RelayData` both ways)."""
         ...
 
@@ -432,7 +431,7 @@ class WebRTCTransport:
 
     async def _dial_relayed(self, address: PeerAddress, timeout_s: float) -> MuxConnection:
         assert address.peer_id is not None and self.signaler is not None
-        stream: RPCStream | None = None
+        stream: RelayChannel | None = None
         try:
             async with asyncio.timeout(timeout_s):
                 stream = await self.signaler.open_relay(address)  # type: ignore[attr-defined]
@@ -457,7 +456,7 @@ class WebRTCTransport:
         log.info("relayed connection to %s via %s", remote_id, frames.via)
         return self._adopt(frames, initiator=True, remote_id=remote_id, remote_address=address)
 
-    async def accept_relayed(self, stream: RPCStream, *, via: str) -> None:
+    async def accept_relayed(self, stream: RelayChannel, *, via: str) -> None:
         """Serve one relayed connection arriving on `stream` until it closes (the relay's stream handler runs this).
 
         Raises:
