@@ -5,7 +5,7 @@
 # Offer and answer travel through a `Signaler` (in a swarm: a relay peer, see petalnode/node/_signaling.py) and
 # are signed with the Ed25519 identities (`_webrtc_signing.py`), which authenticates the DTLS fingerprints.
 #
-# Invariants (each one is a measured aiortc pitfall, see DESIGN.md):
+# Invariants (each one guards against an aiortc behaviour we measured, stated in the bullet):
 # - We always pass our own ICE server list, possibly empty; aiortc's default is a public Google STUN server.
 # - `send()` never blocks in aiortc, so `drain()` waits while `bufferedAmount` is above HIGH_WATER_BYTES, woken
 #   by `bufferedamountlow` (threshold LOW_WATER_BYTES) or by the channel closing.
