@@ -27,7 +27,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import unquote
 
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
@@ -76,6 +76,7 @@ _CLOSE_TIMEOUT_S = 2.0
 _LABEL = "petalnode"
 
 
+@runtime_checkable
 class Signaler(Protocol):
     """Carries a signed offer to the peer a `webrtc://` address names and brings back its answer."""
 
@@ -88,6 +89,7 @@ class Signaler(Protocol):
         ...
 
 
+@runtime_checkable
 class RelaySignaler(Signaler, Protocol):
     """A signaler whose relay can also carry the data when no direct path exists."""
 
@@ -412,7 +414,7 @@ class WebRTCTransport:
             raise TransportError(f"cannot dial {address}: a webrtc:// address must name the peer id")
         if self.signaler is None:
             raise TransportError(f"cannot dial {address}: this WebRTC transport has no signaler")
-        can_relay = self.relay_fallback and hasattr(self.signaler, "open_relay")
+        can_relay = self.relay_fallback and isinstance(self.signaler, RelaySignaler)
         if not self.direct:
             if not can_relay:
                 raise TransportError(f"cannot dial {address}: direct WebRTC is off and the signaler cannot relay")
@@ -434,7 +436,8 @@ class WebRTCTransport:
         stream: RelayChannel | None = None
         try:
             async with asyncio.timeout(timeout_s):
-                stream = await self.signaler.open_relay(address)  # type: ignore[attr-defined]
+                assert isinstance(self.signaler, RelaySignaler)
+                stream = await self.signaler.open_relay(address)
                 frames, remote_id = await secure_relayed(stream, self._identity, initiator=True,
                                                          max_frame=self._max_frame, via=_relay_name(address))
         except TimeoutError:
