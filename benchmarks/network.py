@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from petalnode.codecs import Message, register_message
 from petalnode.identity import Identity, PeerAddress, PeerId
-from petalnode.transport import RPC, CallContext, MemoryNetwork, RPCStream, TcpTransport, Transport
+from petalnode.rpc import RPC, CallContext, RPCStream
+from petalnode.transport import MemoryNetwork, TcpTransport, Transport
 
 MIB = 1 << 20
 

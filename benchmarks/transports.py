@@ -34,7 +34,8 @@ from typing import ClassVar
 from petalnode.codecs import Message, register_message, wire_field
 from petalnode.identity import Identity, PeerAddress
 from petalnode.node import NatOptions, Node, Signaling
-from petalnode.transport import RPC, CallContext, RelayData, RPCStream
+from petalnode.rpc import RPC, CallContext, RPCStream
+from petalnode.transport import RelayData
 
 CHUNK = 240 * 1024
 REPO = Path(__file__).resolve().parents[1]

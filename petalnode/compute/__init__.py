@@ -27,7 +27,7 @@ from petalnode.compute._model_source import (
 
 if typing.TYPE_CHECKING:
     from petalnode.compute._device import choose_device, choose_dtype, configure_threads, parse_dtype
-    from petalnode.compute._family import FamilyAdapter, adapter_for
+    from petalnode.compute._family import ModelFamily, family_for
     from petalnode.compute._loader import ModelInfo, load_block_span, load_client_head, load_model_info
     from petalnode.compute._lora import LoraAdapter, active_adapter, attach_adapters, load_lora_adapter, span_adapters
     from petalnode.compute._session import DEFAULT_IDLE_TIMEOUT_S, InferenceSession, SessionManager
@@ -40,21 +40,21 @@ __all__ = [
     "DEFAULT_MODEL",
     "BlockPlan",
     "CheckpointReader",
-    "FamilyAdapter",
     "InferenceSession",
     "LoraAdapter",
+    "ModelFamily",
     "ModelInfo",
     "ModelSource",
     "ServePlan",
     "SessionManager",
     "active_adapter",
-    "adapter_for",
     "attach_adapters",
     "cache_dir",
     "choose_device",
     "choose_dtype",
     "configure_threads",
     "ensure_default_model",
+    "family_for",
     "format_size",
     "load_block_span",
     "load_client_head",
@@ -73,7 +73,7 @@ __all__ = [
 # The torch-based parts: loaded on first access, then cached in the package namespace.
 __getattr__, __dir__ = _lazy.exports(__name__, globals(), {
     "petalnode.compute._device": ("choose_device", "choose_dtype", "configure_threads", "parse_dtype"),
-    "petalnode.compute._family": ("FamilyAdapter", "adapter_for"),
+    "petalnode.compute._family": ("ModelFamily", "family_for"),
     "petalnode.compute._loader": ("ModelInfo", "load_block_span", "load_client_head", "load_model_info"),
     "petalnode.compute._lora": ("LoraAdapter", "active_adapter", "attach_adapters", "load_lora_adapter",
                                 "span_adapters"),

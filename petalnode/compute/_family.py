@@ -1,6 +1,6 @@
 """The contract between the compute runtime and a model family.
 
-The runtime never touches family-specific classes: it asks the family's adapter which checkpoint tensors belong
+The runtime never touches family-specific classes: it asks the family (a `ModelFamily`) which checkpoint tensors belong
 to block i or to the client head, to build a span of blocks from those tensors, and to run the span with a cache.
 Adding a family (e.g. Falcon, BLOOM) means one new module in `compute/models/` and one registry line.
 """
@@ -40,7 +40,9 @@ class ClientHeadModule(Protocol):
     def logits(self, hidden_states: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor: ...
 
 
-class FamilyAdapter(Protocol):
+class ModelFamily(Protocol):
+    """One model family's checkpoint layout and block builders (not a LoRA adapter: those are `_lora.py`)."""
+
     model_types: frozenset[str]
 
     def num_blocks(self, config: PretrainedConfig) -> int: ...
@@ -55,13 +57,13 @@ class FamilyAdapter(Protocol):
     def kv_bytes_per_token_per_block(self, config: PretrainedConfig, dtype: torch.dtype) -> int: ...
 
 
-def adapter_for(config: PretrainedConfig) -> FamilyAdapter:
-    """The adapter serving `config.model_type`, or a clear error naming the supported families."""
+def family_for(config: PretrainedConfig) -> ModelFamily:
+    """The model family serving `config.model_type`, or a clear error naming the supported families."""
     from petalnode.compute.models.llama import LLAMA_FAMILY
 
-    for adapter in (LLAMA_FAMILY,):
-        if config.model_type in adapter.model_types:
-            return adapter
+    for family in (LLAMA_FAMILY,):
+        if config.model_type in family.model_types:
+            return family
     raise ConfigError(
         f"model type {config.model_type!r} is not supported yet; supported: {sorted(LLAMA_FAMILY.model_types)}"
     )

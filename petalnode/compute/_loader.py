@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from petalnode.compute._budget import activation_reserve_bytes
-from petalnode.compute._family import FamilyAdapter, adapter_for
+from petalnode.compute._family import ModelFamily, family_for
 from petalnode.compute._model_source import ModelSource, resolve_model
 from petalnode.compute._weights import CheckpointReader
 from petalnode.errors import ConfigError
@@ -25,12 +25,12 @@ class ModelInfo:
 
     source: ModelSource
     config: PretrainedConfig
-    adapter: FamilyAdapter
+    family: ModelFamily
     reader: CheckpointReader
 
     @property
     def num_blocks(self) -> int:
-        return self.adapter.num_blocks(self.config)
+        return self.family.num_blocks(self.config)
 
     @property
     def hidden_size(self) -> int:
@@ -38,13 +38,13 @@ class ModelInfo:
 
     def block_weight_bytes(self, index: int, dtype: torch.dtype) -> int:
         """Bytes of block `index`'s weights once cast to `dtype` (from the file headers; nothing loaded)."""
-        names = [n for n in self.reader.names() if self.adapter.is_block_tensor(n, index, index + 1)]
+        names = [n for n in self.reader.names() if self.family.is_block_tensor(n, index, index + 1)]
         stored = self.reader.tensor_nbytes(names)
         stored_elem = 4 if self.config.dtype in (None, torch.float32, "float32") else 2
         return stored // stored_elem * torch.empty((), dtype=dtype).element_size()
 
     def kv_bytes_per_token_per_block(self, dtype: torch.dtype) -> int:
-        return self.adapter.kv_bytes_per_token_per_block(self.config, dtype)
+        return self.family.kv_bytes_per_token_per_block(self.config, dtype)
 
     def activation_bytes(self, dtype: torch.dtype) -> int:
         return activation_reserve_bytes(
@@ -59,7 +59,7 @@ def load_model_info(model: str | Path | ModelSource | None = None) -> ModelInfo:
     # Pin one attention kernel for every process so server spans and local references agree.
     config._attn_implementation = "sdpa"
     reader = CheckpointReader.open(source.path)
-    return ModelInfo(source=source, config=config, adapter=adapter_for(config), reader=reader)
+    return ModelInfo(source=source, config=config, family=family_for(config), reader=reader)
 
 
 def load_block_span(
@@ -75,12 +75,12 @@ def load_block_span(
     weights: dict[str, torch.Tensor] = {}
     for block in range(start, end):
         weights.update(
-            info.reader.load(lambda name, b=block: info.adapter.is_block_tensor(name, b, b + 1), dtype=dtype,
+            info.reader.load(lambda name, b=block: info.family.is_block_tensor(name, b, b + 1), dtype=dtype,
                              device=device)
         )
         if progress is not None:
             progress(block)
-    return info.adapter.build_span(info.config, start, end, weights)
+    return info.family.build_span(info.config, start, end, weights)
 
 
 def load_client_head(
@@ -88,6 +88,6 @@ def load_client_head(
 ) -> torch.nn.Module:
     """Embeddings, final norm and LM head; no block weights are read."""
     weights = info.reader.load(
-        lambda name: info.adapter.is_client_tensor(name, info.config), dtype=dtype, device=device
+        lambda name: info.family.is_client_tensor(name, info.config), dtype=dtype, device=device
     )
-    return info.adapter.build_client_head(info.config, weights)
+    return info.family.build_client_head(info.config, weights)

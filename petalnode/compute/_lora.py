@@ -363,7 +363,7 @@ def _span_modules(
     """(block, module path) -> (out_features, in_features) of every linear layer the config adapts in the span."""
     selected: dict[tuple[int, str], tuple[int, int]] = {}
     for tensor in info.reader.names():
-        if not tensor.endswith(".weight") or not info.adapter.is_block_tensor(tensor, start, end):
+        if not tensor.endswith(".weight") or not info.family.is_block_tensor(tensor, start, end):
             continue
         module = tensor.removesuffix(".weight")
         match = _BLOCK_MODULE.match(module)

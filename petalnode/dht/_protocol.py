@@ -1,6 +1,6 @@
 # The DHT RPC layer: kademlia's protocol with every input validated and every task owned.
 #
-# What this fixes in `kademlia.protocol.KademliaProtocol` / `rpcudp.RPCProtocol` (see DESIGN.md):
+# What this fixes in `kademlia.protocol.KademliaProtocol` / `rpcudp.RPCProtocol` (each bullet names the flaw):
 # - Datagrams are parsed synchronously with strict msgpack limits (`_wire`); a malformed request or reply is
 #   counted in `dropped` and ignored. No task is spawned per datagram, so a flood cannot pile up tasks.
 # - Replies are validated before kademlia code sees them: a FIND_NODE reply carrying `(id, None, None)` is a

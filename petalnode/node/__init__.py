@@ -7,7 +7,7 @@ bootstrap role imports this package without loading torch or transformers.
 import typing
 
 from petalnode import _lazy
-from petalnode.node._backend import ComputeBackend, InlineExecutor, TorchBackend
+from petalnode.node._backend import ComputeBackend, InlineExecutor, LoraCapableBackend, TorchBackend
 from petalnode.node._bans import BanList
 from petalnode.node._executor import PRIORITY_BULK, PRIORITY_INFERENCE, ComputeExecutor
 from petalnode.node._local_swarm import LocalSwarm, SwarmProcess, parse_span
@@ -34,6 +34,7 @@ __all__ = [
     "HostedSpan",
     "InlineExecutor",
     "LocalSwarm",
+    "LoraCapableBackend",
     "NatOptions",
     "Node",
     "NodeState",

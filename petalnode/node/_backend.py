@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from petalnode.errors import ConfigError
 from petalnode.node._executor import ComputeExecutor
@@ -43,8 +43,16 @@ class ComputeBackend(Protocol):
         """Run blocking setup work (loading) without stalling the loop."""
         ...
 
-    # Optional, called only when the server is configured with LoRA adapters (the simulator's stand-in has none):
-    # def load_adapters(self, info, span, specs, start, end, *, dtype, device) -> frozenset[str]
+
+
+@runtime_checkable
+class LoraCapableBackend(Protocol):
+    """A backend that can also attach LoRA adapters (`TorchBackend`; the simulator's stand-in cannot)."""
+
+    def load_adapters(
+        self, info: Any, span: torch.nn.Module, specs: Sequence[str], start: int, end: int, *, dtype: torch.dtype,
+        device: torch.device,
+    ) -> frozenset[str]: ...
 
 
 class TorchBackend:

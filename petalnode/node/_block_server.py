@@ -40,7 +40,7 @@ from petalnode.node._protocol import (
     OpenInference,
     ServerInfo,
 )
-from petalnode.transport import RPC, CallContext, RPCStream
+from petalnode.rpc import RPC, CallContext, RPCStream
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

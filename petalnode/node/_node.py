@@ -29,11 +29,12 @@ from petalnode.compute import DEFAULT_CACHE_TOKENS_PER_BLOCK, ServePlan, plan_se
 from petalnode.dht import MAX_ADAPTERS, Announcement, DHTNode, ServerState, block_keys
 from petalnode.errors import ClosedResourceError, ConfigError, DHTError, InvalidStateError
 from petalnode.identity import Identity, PeerAddress
-from petalnode.node._backend import ComputeBackend, TorchBackend, split_adapter_spec
+from petalnode.node._backend import ComputeBackend, LoraCapableBackend, TorchBackend, split_adapter_spec
 from petalnode.node._placement import choose_blocks, join_recheck_waits, rebalance_target
 from petalnode.node._signaling import NatOptions, Signaling
 from petalnode.node._swarm import fetch_swarm
-from petalnode.transport import RPC, TcpTransport, Transport
+from petalnode.rpc import RPC
+from petalnode.transport import TcpTransport, Transport
 
 if TYPE_CHECKING:  # serving only: a bootstrap node never loads torch (tests/cli/test_cli_bootstrap_imports.py)
     import torch
@@ -323,7 +324,9 @@ class Node:
         span = await compute.offload(load)
         adapters: frozenset[str] = frozenset()
         if options.adapters:
-            load_adapters = compute.load_adapters  # type: ignore[attr-defined]  # optional backend method
+            # _check_adapter_specs refused a backend without LoRA support before anything was announced.
+            assert isinstance(compute, LoraCapableBackend)
+            load_adapters = compute.load_adapters
             adapters = await compute.offload(lambda: load_adapters(info, span, options.adapters, start, end,
                                                                    dtype=dtype, device=device))
             log.info("LoRA adapters on blocks %d:%d: %s", start, end, ", ".join(sorted(adapters)))
@@ -485,7 +488,7 @@ def _check_adapter_specs(specs: tuple[str, ...], compute: ComputeBackend) -> Non
         return
     if len(specs) > MAX_ADAPTERS:
         raise ConfigError(f"at most {MAX_ADAPTERS} adapters per server (they are announced), got {len(specs)}")
-    if not hasattr(compute, "load_adapters"):
+    if not isinstance(compute, LoraCapableBackend):
         raise ConfigError(f"the compute backend {type(compute).__name__} cannot load LoRA adapters")
     for spec in specs:
         split_adapter_spec(spec)

@@ -12,6 +12,9 @@ Why the address names the relay's host and port but not its peer id: offer and a
 (`petalnode.transport._webrtc_signing`), so the relay is not trusted with anything but delivery; PeerAddress
 then stays the same 4-field value for every scheme.
 
+Modules: the messages are in `_signaling_messages.py`, what a relay serves (registration, forwarding, the data
+relay and its token buckets) in `_relay_server.py`; this module is the dialling signaler and registration.
+
 Invariants:
 - A relay forwards only to peers registered on a live connection, keyed by the peer id that connection proved
   in its TCP handshake (a peer cannot register in another's name).
@@ -29,26 +32,25 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
-from petalnode.codecs import Message, register_message, wire_field
-from petalnode.errors import (
-    BadRequestError,
-    BusyError,
-    ConfigError,
-    PetalnodeError,
-    TransportError,
-    UnknownSessionError,
+from petalnode.codecs import Message
+from petalnode.errors import BadRequestError, ConfigError, PetalnodeError, TransportError
+from petalnode.identity import Identity, PeerAddress
+from petalnode.node._relay_server import DIAL_BACK_TIMEOUT_S, FORWARD_TIMEOUT_S, RelayServer
+from petalnode.node._signaling_messages import (
+    RelayAccept,
+    RelayOffer,
+    RelayOpen,
+    RelayRegister,
+    RelayRegistered,
+    WebRTCInfo,
+    WebRTCInfoRequest,
 )
-from petalnode.identity import PEER_ID_BYTES, Identity, PeerAddress, PeerId
+from petalnode.rpc import RPC, CallContext, RPCStream
 from petalnode.transport import (
-    RPC,
-    CallContext,
-    Connection,
     IceServer,
     MultiTransport,
     RelayData,
-    RPCStream,
     SignedDescription,
     StunServer,
     TcpTransport,
@@ -57,94 +59,8 @@ from petalnode.transport import (
 
 log = logging.getLogger(__name__)
 
-# A relay's dial-back to a registering node: a LAN/Internet TCP handshake takes well under a second.
-DIAL_BACK_TIMEOUT_S = 2.0
-# Forwarding an offer includes the target's ICE gathering (STUN: one round trip, 5 s if unreachable).
-FORWARD_TIMEOUT_S = 10.0
-MAX_REGISTERED = 1024
 RECONNECT_MIN_S = 1.0
 RECONNECT_MAX_S = 30.0
-MAX_ADDRESS_CHARS = 300
-MAX_RELAYED = 64
-# Dial-backs go to an address the registering peer names, so a relay could be used to probe other hosts; a low
-# global rate keeps it useless for that (honest nodes register once per relay connection).
-DIAL_BACKS_PER_S = 2.0
-DIAL_BACK_BURST = 10.0
-
-
-@register_message
-class WebRTCInfoRequest(Message):
-    KIND: ClassVar[str] = "node.webrtc.info"
-    VERSION: ClassVar[int] = 1
-
-
-@register_message
-class WebRTCInfo(Message):
-    KIND: ClassVar[str] = "node.webrtc.info.result"
-    VERSION: ClassVar[int] = 1
-    stun_port: int = wire_field(min_value=0, max_value=65535)  # 0: this node runs no STUN server
-
-
-@register_message
-class RelayRegister(Message):
-    KIND: ClassVar[str] = "node.webrtc.register"
-    VERSION: ClassVar[int] = 1
-    tcp_address: str = wire_field(max_len=MAX_ADDRESS_CHARS)  # where the relay tries to dial back
-
-
-@register_message
-class RelayRegistered(Message):
-    KIND: ClassVar[str] = "node.webrtc.registered"
-    VERSION: ClassVar[int] = 1
-    stun_port: int = wire_field(min_value=0, max_value=65535)
-    reachable: bool = False  # the dial-back to tcp_address succeeded
-
-
-@register_message
-class RelayOffer(Message):
-    KIND: ClassVar[str] = "node.webrtc.relay"
-    VERSION: ClassVar[int] = 1
-    target: bytes = wire_field(max_len=PEER_ID_BYTES)
-    offer: SignedDescription
-
-
-@register_message
-class RelayOpen(Message):
-    """First message of a "relay_open" stream: pipe me to `target`."""
-
-    KIND: ClassVar[str] = "node.webrtc.relay_open"
-    VERSION: ClassVar[int] = 1
-    target: bytes = wire_field(max_len=PEER_ID_BYTES)
-
-
-@register_message
-class RelayAccept(Message):
-    """First message of a "relay_accept" stream: a relayed connection from `source` (unproven until its
-    handshake)."""
-
-    KIND: ClassVar[str] = "node.webrtc.relay_accept"
-    VERSION: ClassVar[int] = 1
-    source: bytes = wire_field(max_len=PEER_ID_BYTES)
-
-
-class TokenBucket:
-    """At most `rate` units per second on average, with bursts of up to `burst` units (awaits when empty)."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self._tokens = burst
-        self._at: float | None = None
-
-    async def take(self, amount: float) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        if self._at is not None:
-            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
-        self._at = now
-        self._tokens -= amount  # may go negative: the debt is paid by waiting
-        if self._tokens < 0:
-            await asyncio.sleep(-self._tokens / self.rate)
 
 
 @dataclass(frozen=True)
@@ -171,7 +87,8 @@ class NatOptions:
 
 
 class Signaling:
-    """The relay verbs on a node's RPC, the dialler side of relaying (a `Signaler`), and relay registration.
+    """The dialler side of relaying (a `Signaler`), registration with a relay, and (in `relay_server`) the relay
+    verbs this node serves for others.
 
     One object per node or client. `transport()` builds the TCP + WebRTC transport it signals for; `attach(rpc)`
     serves the verbs on the node's RPC (a client without one gets a private RPC for its outgoing calls).
@@ -186,13 +103,10 @@ class Signaling:
         self._rpc: RPC | None = None
         self._own_rpc: RPC | None = None
         self._stun: StunServer | None = None
-        self._registered: dict[PeerId, Connection] = {}
         self._stun_ports: dict[str, int] = {}
         self._relay_task: asyncio.Task[None] | None = None
-        self._bucket = TokenBucket(self.options.relay_bytes_per_s, self.options.relay_bytes_per_s)
-        self._dial_backs = TokenBucket(DIAL_BACKS_PER_S, DIAL_BACK_BURST)
-        self._relayed = 0
-        self.relayed_bytes = 0
+        self.relay_server = RelayServer(identity, self.webrtc, rpc=lambda: self.rpc, stun_port=lambda: self.stun_port,
+                                        relay_bytes_per_s=self.options.relay_bytes_per_s)
         self.relay: PeerAddress | None = None
         self.reachable: bool | None = None
 
@@ -203,11 +117,8 @@ class Signaling:
     def attach(self, rpc: RPC) -> None:
         """Serve the relay verbs on `rpc` and use it for our own signaling calls."""
         self._rpc = rpc
-        rpc.add_unary_handler("webrtc_info", self.rpc_webrtc_info, request_type=WebRTCInfoRequest)
-        rpc.add_unary_handler("webrtc_register", self.rpc_webrtc_register, request_type=RelayRegister)
-        rpc.add_unary_handler("webrtc_relay", self.rpc_webrtc_relay, request_type=RelayOffer)
+        self.relay_server.attach(rpc)
         rpc.add_unary_handler("webrtc_offer", self.rpc_webrtc_offer, request_type=SignedDescription)
-        rpc.add_stream_handler("relay_open", self.rpc_relay_open, request_type=(RelayOpen, RelayData))
         rpc.add_stream_handler("relay_accept", self.rpc_relay_accept, request_type=(RelayAccept, RelayData))
 
     @property
@@ -314,55 +225,7 @@ class Signaling:
             raise
         return stream
 
-    # ---- RPC handlers ---------------------------------------------------------------------------------------
-
-    async def rpc_webrtc_info(self, request: Message, context: CallContext) -> WebRTCInfo:
-        return WebRTCInfo(stun_port=self.stun_port)
-
-    async def rpc_webrtc_register(self, request: Message, context: CallContext) -> RelayRegistered:
-        assert isinstance(request, RelayRegister)
-        peer = context.remote_peer_id
-        if peer not in self._registered and len(self._registered) >= MAX_REGISTERED:
-            raise BadRequestError(f"this relay already serves {MAX_REGISTERED} peers")
-        reachable = await self._dial_back(request.tcp_address, peer)
-        self._registered[peer] = context.connection
-        log.info("relaying WebRTC offers for %s (reachable directly: %s)", peer, reachable)
-        return RelayRegistered(stun_port=self.stun_port, reachable=reachable)
-
-    async def _dial_back(self, text: str, peer: PeerId) -> bool:
-        try:
-            address = PeerAddress.parse(text).with_peer_id(peer)
-        except PetalnodeError as e:
-            raise BadRequestError(f"bad tcp_address: {e}") from None
-        if address.scheme != "tcp":
-            raise BadRequestError(f"tcp_address must be tcp://, got {address.scheme}://")
-        await self._dial_backs.take(1)
-        # A fresh TCP transport: the pooled connection to this peer is the one it dialled us on, which proves
-        # nothing about whether we can reach it.
-        async with TcpTransport(self.identity) as probe:
-            try:
-                connection = await probe.dial(address, connect_timeout_s=DIAL_BACK_TIMEOUT_S)
-            except TransportError:
-                return False
-            await connection.aclose()
-        return True
-
-    async def rpc_webrtc_relay(self, request: Message, context: CallContext) -> SignedDescription:
-        assert isinstance(request, RelayOffer)
-        try:
-            target = PeerId(request.target)
-        except ValueError:
-            raise BadRequestError("target is not a peer id") from None
-        if target == self.identity.peer_id:
-            return await self.webrtc.accept_offer(request.offer)
-        connection = self._registered.get(target)
-        if connection is None or connection.closed:
-            self._registered.pop(target, None)
-            raise UnknownSessionError(f"peer {target} is not registered with this relay")
-        reply = await self.rpc.call(connection, "webrtc_offer", request.offer, expected=SignedDescription,
-                                    timeout_s=FORWARD_TIMEOUT_S)
-        assert isinstance(reply, SignedDescription)
-        return reply
+    # ---- RPC handlers (the target side; the relay side is `RelayServer`) --------------------------------------
 
     async def rpc_webrtc_offer(self, request: Message, context: CallContext) -> SignedDescription:
         assert isinstance(request, SignedDescription)
@@ -370,50 +233,6 @@ class Signaling:
             return await self.webrtc.accept_offer(request)
         except TransportError as e:
             raise BadRequestError(f"offer refused: {e}") from None
-
-    async def rpc_relay_open(self, upstream: RPCStream, context: CallContext) -> None:
-        """Pipe the caller to a registered peer (the relay path for symmetric NATs), under the bandwidth cap."""
-        request = await upstream.receive(timeout_s=FORWARD_TIMEOUT_S)
-        if not isinstance(request, RelayOpen):
-            raise BadRequestError("a relay_open stream starts with RelayOpen")
-        if self.options.relay_bytes_per_s <= 0 or self._relayed >= MAX_RELAYED:
-            raise BusyError("this node relays no more connections now")
-        try:
-            target = PeerId(request.target)
-        except ValueError:
-            raise BadRequestError("target is not a peer id") from None
-        connection = self._registered.get(target)
-        if connection is None or connection.closed:
-            raise UnknownSessionError(f"peer {target} is not registered with this relay")
-        self._relayed += 1
-        try:
-            downstream = await self.rpc.open_stream(connection, "relay_accept", expected=RelayData)
-            try:
-                await downstream.send(RelayAccept(source=context.remote_peer_id.raw))
-                log.info("relaying %s -> %s", context.remote_peer_id, target)
-                await self._pipe(upstream, downstream)
-            finally:
-                await downstream.aclose()
-        finally:
-            self._relayed -= 1
-
-    async def _pipe(self, a: RPCStream, b: RPCStream) -> None:
-        async def copy(source: RPCStream, sink: RPCStream) -> None:
-            while True:
-                message = await source.receive()
-                if not isinstance(message, RelayData):
-                    raise BadRequestError("only RelayData travels through a relay")
-                await self._bucket.take(len(message.data))
-                self.relayed_bytes += len(message.data)
-                await sink.send(message)
-
-        tasks = [asyncio.create_task(copy(a, b)), asyncio.create_task(copy(b, a))]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def rpc_relay_accept(self, stream: RPCStream, context: CallContext) -> None:
         """A relayed connection arriving through our relay (`context` is the relay)."""
@@ -435,7 +254,7 @@ class Signaling:
             await self._stun.aclose()
         if self._own_rpc is not None:
             await self._own_rpc.aclose()
-        self._registered.clear()
+        self.relay_server.clear()
 
 
 class _SignalingTransport(MultiTransport):

@@ -73,7 +73,8 @@ from petalnode.node._protocol import (
 from petalnode.node._routing import RouteHop, choose_route
 from petalnode.node._swarm import fetch_swarm
 from petalnode.node._swarm_view import ServerView, SwarmView, describe_runs
-from petalnode.transport import RPC, RPCStream, TcpTransport, Transport
+from petalnode.rpc import RPC, RPCStream
+from petalnode.transport import TcpTransport, Transport
 
 log = logging.getLogger(__name__)
 

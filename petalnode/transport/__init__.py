@@ -1,7 +1,8 @@
-"""petalnode.transport: pluggable transports (TCP, WebRTC, in-memory) behind one interface, and RPC on top.
+"""petalnode.transport: pluggable transports (TCP, WebRTC, in-memory) behind one interface.
 
-Callers code against `Transport` / `Connection` / `Stream` (or, above them, `RPC`); which transport carries the
-bytes is chosen by the address scheme (`tcp://`, `memory://`, `webrtc://`); `MultiTransport` combines several.
+Callers code against `Transport` / `Connection` / `Stream` (RPC on top of them is `petalnode.rpc`); which
+transport carries the bytes is chosen by the address scheme (`tcp://`, `memory://`, `webrtc://`); `MultiTransport`
+combines several.
 """
 
 from petalnode.transport._base import (
@@ -17,9 +18,7 @@ from petalnode.transport._base import (
 from petalnode.transport._memory import LinkConfig, MemoryDatagramTransport, MemoryNetwork
 from petalnode.transport._memory_transport import MemoryTransport
 from petalnode.transport._multi import MultiTransport
-from petalnode.transport._relayed import RelayData
-from petalnode.transport._rpc import RPC, RPC_TIMEOUT_S, CallContext, StreamHandler, UnaryHandler
-from petalnode.transport._rpc_stream import HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, RPCStream
+from petalnode.transport._relayed import RelayChannel, RelayData
 from petalnode.transport._stun import StunServer
 from petalnode.transport._tcp import TcpTransport
 from petalnode.transport._webrtc import IceServer, RelaySignaler, Signaler, WebRTCTransport, describe_path
@@ -27,11 +26,6 @@ from petalnode.transport._webrtc_signing import SignedDescription
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
-    "HEARTBEAT_INTERVAL_S",
-    "HEARTBEAT_TIMEOUT_S",
-    "RPC",
-    "RPC_TIMEOUT_S",
-    "CallContext",
     "Connection",
     "ConnectionConfig",
     "ConnectionHandler",
@@ -43,17 +37,15 @@ __all__ = [
     "MemoryNetwork",
     "MemoryTransport",
     "MultiTransport",
-    "RPCStream",
+    "RelayChannel",
     "RelayData",
     "RelaySignaler",
     "Signaler",
     "SignedDescription",
     "Stream",
-    "StreamHandler",
     "StunServer",
     "TcpTransport",
     "Transport",
-    "UnaryHandler",
     "WebRTCTransport",
     "describe_path",
 ]

@@ -1,5 +1,6 @@
-# The relay fallback's end-to-end channel: mux frames over an RPC stream that a public peer pipes to the other
-# side, for when no direct WebRTC path exists (symmetric NAT on both sides, or UDP blocked).
+# The relay fallback's end-to-end channel: mux frames over a message channel (in a swarm, an RPC stream) that a
+# public peer pipes to the other side, for when no direct WebRTC path exists (symmetric NAT on both sides, or UDP
+# blocked). The channel is the `RelayChannel` protocol below, so this layer never imports the RPC layer above it.
 #
 # The relay only moves opaque `RelayData` messages. Both ends run the TCP transport's signed X25519 handshake
 # (`_handshake.py`) inside the piped stream and then exchange ChaCha20-Poly1305 records, so the relay can neither
@@ -16,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from typing import ClassVar
+from typing import ClassVar, Protocol, runtime_checkable
 
 from petalnode.codecs import Message, register_message, wire_field
 from petalnode.errors import (
@@ -31,7 +32,6 @@ from petalnode.errors import (
 )
 from petalnode.identity import Identity, PeerId
 from petalnode.transport import _handshake as hs
-from petalnode.transport._rpc_stream import RPCStream
 
 HIGH_WATER_BYTES = 1024 * 1024
 # A sealed record: 4-byte length, the frame, a 16-byte tag; frames are at most 240 KiB + 6.
@@ -47,10 +47,30 @@ class RelayData(Message):
     data: bytes = wire_field(max_len=MAX_RECORD_BYTES)
 
 
-class RelayedFrames:
-    """Sealed mux frames over a piped `RPCStream` (implements `FrameChannel`)."""
+@runtime_checkable
+class RelayChannel(Protocol):
+    """An ordered, reliable channel of codec messages that a relay pipes to the other end.
 
-    def __init__(self, stream: RPCStream, sealer: hs.RecordSealer, opener: hs.RecordOpener, max_frame: int,
+    `petalnode.rpc.RPCStream` satisfies it; the transport depends only on this contract.
+    """
+
+    async def send(self, message: Message) -> None:
+        """Send one message (here always a `RelayData`)."""
+        ...
+
+    async def receive(self) -> Message:
+        """The next message; raises `TransportError` (or `RemoteError`) when the channel ends or fails."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close the channel (idempotent)."""
+        ...
+
+
+class RelayedFrames:
+    """Sealed mux frames over a piped `RelayChannel` (implements `FrameChannel`)."""
+
+    def __init__(self, stream: RelayChannel, sealer: hs.RecordSealer, opener: hs.RecordOpener, max_frame: int,
                  via: str) -> None:
         self._stream = stream
         self._sealer = sealer
@@ -132,7 +152,7 @@ def _open(opener: hs.RecordOpener, record: bytes) -> bytes:
 
 
 async def secure_relayed(
-    stream: RPCStream, identity: Identity, *, initiator: bool, max_frame: int, via: str
+    stream: RelayChannel, identity: Identity, *, initiator: bool, max_frame: int, via: str
 ) -> tuple[RelayedFrames, PeerId]:
     """Run the signed handshake over a piped stream; the caller bounds it in time.
 

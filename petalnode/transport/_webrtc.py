@@ -5,7 +5,7 @@
 # Offer and answer travel through a `Signaler` (in a swarm: a relay peer, see petalnode/node/_signaling.py) and
 # are signed with the Ed25519 identities (`_webrtc_signing.py`), which authenticates the DTLS fingerprints.
 #
-# Invariants (each one is a measured aiortc pitfall, see DESIGN.md):
+# Invariants (each one guards against an aiortc behaviour we measured, stated in the bullet):
 # - We always pass our own ICE server list, possibly empty; aiortc's default is a public Google STUN server.
 # - `send()` never blocks in aiortc, so `drain()` waits while `bufferedAmount` is above HIGH_WATER_BYTES, woken
 #   by `bufferedamountlow` (threshold LOW_WATER_BYTES) or by the channel closing.
@@ -27,7 +27,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import unquote
 
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
@@ -49,8 +49,7 @@ from petalnode.transport import _webrtc_signing as signing
 from petalnode.transport._base import CONNECT_TIMEOUT_S, ConnectionConfig, ConnectionHandler
 from petalnode.transport._frames import HEADER_BYTES
 from petalnode.transport._mux import MuxConnection
-from petalnode.transport._relayed import RelayedFrames, secure_relayed
-from petalnode.transport._rpc_stream import RPCStream
+from petalnode.transport._relayed import RelayChannel, RelayedFrames, secure_relayed
 from petalnode.transport._webrtc_signing import SignedDescription
 
 log = logging.getLogger(__name__)
@@ -77,6 +76,7 @@ _CLOSE_TIMEOUT_S = 2.0
 _LABEL = "petalnode"
 
 
+@runtime_checkable
 class Signaler(Protocol):
     """Carries a signed offer to the peer a `webrtc://` address names and brings back its answer."""
 
@@ -89,10 +89,11 @@ class Signaler(Protocol):
         ...
 
 
+@runtime_checkable
 class RelaySignaler(Signaler, Protocol):
     """A signaler whose relay can also carry the data when no direct path exists."""
 
-    async def open_relay(self, address: PeerAddress) -> RPCStream:
+    async def open_relay(self, address: PeerAddress) -> RelayChannel:
         """A stream that the relay of `address` pipes to `address.peer_id` (opaque `RelayData` both ways)."""
         ...
 
@@ -413,7 +414,7 @@ class WebRTCTransport:
             raise TransportError(f"cannot dial {address}: a webrtc:// address must name the peer id")
         if self.signaler is None:
             raise TransportError(f"cannot dial {address}: this WebRTC transport has no signaler")
-        can_relay = self.relay_fallback and hasattr(self.signaler, "open_relay")
+        can_relay = self.relay_fallback and isinstance(self.signaler, RelaySignaler)
         if not self.direct:
             if not can_relay:
                 raise TransportError(f"cannot dial {address}: direct WebRTC is off and the signaler cannot relay")
@@ -432,10 +433,11 @@ class WebRTCTransport:
 
     async def _dial_relayed(self, address: PeerAddress, timeout_s: float) -> MuxConnection:
         assert address.peer_id is not None and self.signaler is not None
-        stream: RPCStream | None = None
+        stream: RelayChannel | None = None
         try:
             async with asyncio.timeout(timeout_s):
-                stream = await self.signaler.open_relay(address)  # type: ignore[attr-defined]
+                assert isinstance(self.signaler, RelaySignaler)
+                stream = await self.signaler.open_relay(address)
                 frames, remote_id = await secure_relayed(stream, self._identity, initiator=True,
                                                          max_frame=self._max_frame, via=_relay_name(address))
         except TimeoutError:
@@ -457,7 +459,7 @@ class WebRTCTransport:
         log.info("relayed connection to %s via %s", remote_id, frames.via)
         return self._adopt(frames, initiator=True, remote_id=remote_id, remote_address=address)
 
-    async def accept_relayed(self, stream: RPCStream, *, via: str) -> None:
+    async def accept_relayed(self, stream: RelayChannel, *, via: str) -> None:
         """Serve one relayed connection arriving on `stream` until it closes (the relay's stream handler runs this).
 
         Raises:

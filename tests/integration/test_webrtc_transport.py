@@ -16,8 +16,10 @@ from aioice import stun
 from petalnode.errors import ConnectionClosedError, ConnectTimeoutError, PeerIdMismatchError, UnknownSessionError
 from petalnode.identity import Identity, PeerAddress
 from petalnode.node import Node
-from petalnode.node._signaling import NatOptions, Signaling, WebRTCInfo, WebRTCInfoRequest
-from petalnode.transport import RPC, ConnectionConfig, SignedDescription, StunServer, WebRTCTransport
+from petalnode.node._signaling import NatOptions, Signaling
+from petalnode.node._signaling_messages import WebRTCInfo, WebRTCInfoRequest
+from petalnode.rpc import RPC
+from petalnode.transport import ConnectionConfig, SignedDescription, StunServer, WebRTCTransport
 from petalnode.transport import _webrtc_signing as signing
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -234,7 +236,7 @@ async def test_relay_carries_rpc_when_no_direct_path_exists(monkeypatch: pytest.
         assert time.perf_counter() - started < rpc.connect_timeout_s + 1.0
         paths = client.webrtc.connection_paths()
         assert paths == {behind.identity.peer_id: f"relayed via {relay.address.host}:{relay.address.port}"}
-        assert relay._signaling.relayed_bytes > 0
+        assert relay._signaling.relay_server.relayed_bytes > 0
         for _ in range(10):  # the relayed connection is pooled and keeps serving
             await rpc.call(behind.address, "webrtc_info", WebRTCInfoRequest(), expected=WebRTCInfo)
         started = time.perf_counter()
@@ -250,18 +252,6 @@ async def test_relay_carries_rpc_when_no_direct_path_exists(monkeypatch: pytest.
         await relay.aclose()
 
 
-async def test_relay_bandwidth_cap() -> None:
-    from petalnode.node._signaling import TokenBucket
-
-    bucket = TokenBucket(rate=200_000, burst=200_000)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    await bucket.take(200_000)  # the burst passes at once
-    assert loop.time() - started < 0.05
-    await bucket.take(100_000)  # then 0.5 s per 100 kB
-    assert 0.4 < loop.time() - started < 1.0
-
-
 async def test_node_behind_nat_registers_again_when_its_relay_connection_drops() -> None:
     relay = Node(nat=NatOptions(mode="public"))
     await relay.start()
@@ -271,7 +261,7 @@ async def test_node_behind_nat_registers_again_when_its_relay_connection_drops()
     rpc = RPC(transport)
     try:
         await behind.start()
-        registered = relay._signaling._registered
+        registered = relay._signaling.relay_server._registered
         old = registered[behind.identity.peer_id]
         await old.aclose()  # the relay restarts its side, say
         for _ in range(100):  # at most 5 s

@@ -20,15 +20,9 @@ from petalnode.errors import (
     UnknownSessionError,
 )
 from petalnode.identity import Identity, PeerAddress
-from petalnode.transport import (
-    RPC,
-    CallContext,
-    ConnectionConfig,
-    EndOfStreamError,
-    LinkConfig,
-    MemoryNetwork,
-    RPCStream,
-)
+from petalnode.rpc import RPC, CallContext, RPCStream
+from petalnode.transport import ConnectionConfig, EndOfStreamError, LinkConfig, MemoryNetwork
+from simulations._virtual_loop import run
 
 
 @register_message
@@ -130,17 +124,21 @@ async def test_unary_calls_and_typed_errors() -> None:
         assert len({id(c) for c in client._pool.values()}) == 1
 
 
-async def test_timeout_cancels_server_handler() -> None:
-    server, client, service, address = await setup(MemoryNetwork())
-    async with server, client:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        with pytest.raises(RPCTimeoutError):
-            await client.call(address, "echo", Echo(text="slow", delay_s=10), timeout_s=0.2)
-        assert 0.2 <= loop.time() - start < 1.0
-        async with asyncio.timeout(1):
-            await service.cancelled.wait()
-        assert await EchoService.call_echo(client, address, "fast") == "FAST"
+def test_timeout_cancels_server_handler() -> None:
+    # Virtual time (simulations/_virtual_loop.py): the 0.2 s timeout costs no wall-clock time and is exact.
+    async def scenario() -> None:
+        server, client, service, address = await setup(MemoryNetwork())
+        async with server, client:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            with pytest.raises(RPCTimeoutError):
+                await client.call(address, "echo", Echo(text="slow", delay_s=10), timeout_s=0.2)
+            assert 0.2 <= loop.time() - start < 0.25
+            async with asyncio.timeout(1):
+                await service.cancelled.wait()
+            assert await EchoService.call_echo(client, address, "fast") == "FAST"
+
+    run(scenario())
 
 
 async def test_pool_dials_once_and_redials_dead_connections() -> None:
@@ -186,27 +184,31 @@ async def test_stream_round_trips_errors_and_end() -> None:
         await refused.aclose()
 
 
-async def test_heartbeat_notices_a_dead_peer_but_not_a_slow_reader() -> None:
-    net = MemoryNetwork()
-    server, client, _, address = await setup(net, heartbeat_interval_s=0.05, heartbeat_timeout_s=0.3)
-    async with server, client:
-        stream = await client.open_stream(address, "chat", expected=Echo)
-        await stream.send(Echo(text="flood"))
-        await asyncio.sleep(0.6)  # we do not read for twice the heartbeat timeout: still alive
-        received = [await stream.receive(timeout_s=1) for _ in range(20)]
-        assert received[-1] == Echo(text="19")
-        await asyncio.sleep(0.5)  # idle both ways: pings keep it alive
-        await stream.send(Echo(text="ok"))
-        assert await stream.receive(timeout_s=1) == Echo(text="ko")
-        net.partition("server")  # the peer goes silent without closing anything
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        with pytest.raises(ConnectionClosedError, match="heartbeat"):
-            await stream.receive(timeout_s=5)
-        assert loop.time() - start < 0.3 + 0.2
-        await stream.aclose()
-        await stream.aclose()
-        net.heal("server")
+def test_heartbeat_notices_a_dead_peer_but_not_a_slow_reader() -> None:
+    # Virtual time: the sleeps below are loop time, not wall-clock time, and the bounds hold exactly.
+    async def scenario() -> None:
+        net = MemoryNetwork()
+        server, client, _, address = await setup(net, heartbeat_interval_s=0.05, heartbeat_timeout_s=0.3)
+        async with server, client:
+            stream = await client.open_stream(address, "chat", expected=Echo)
+            await stream.send(Echo(text="flood"))
+            await asyncio.sleep(0.6)  # we do not read for twice the heartbeat timeout: still alive
+            received = [await stream.receive(timeout_s=1) for _ in range(20)]
+            assert received[-1] == Echo(text="19")
+            await asyncio.sleep(0.5)  # idle both ways: pings keep it alive
+            await stream.send(Echo(text="ok"))
+            assert await stream.receive(timeout_s=1) == Echo(text="ko")
+            net.partition("server")  # the peer goes silent without closing anything
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            with pytest.raises(ConnectionClosedError, match="heartbeat"):
+                await stream.receive(timeout_s=5)
+            assert 0.3 <= loop.time() - start < 0.3 + 0.1
+            await stream.aclose()
+            await stream.aclose()
+            net.heal("server")
+
+    run(scenario())
 
 
 async def test_killed_server_gives_connection_closed_not_hang() -> None:

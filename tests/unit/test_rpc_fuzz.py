@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 from petalnode.codecs import Message, register_message
 from petalnode.errors import CodecError, HandshakeError, PetalnodeError, RemoteProtocolError
 from petalnode.identity import Identity
-from petalnode.transport import RPC, CallContext, ConnectionConfig, MemoryNetwork
+from petalnode.rpc import RPC, CallContext
+from petalnode.rpc import _rpc_wire as wire
+from petalnode.transport import ConnectionConfig, MemoryNetwork
 from petalnode.transport import _handshake as hs
-from petalnode.transport import _rpc_wire as wire
 
 
 @register_message

@@ -1,1 +1,1 @@
-"""Model families: one module per family, each exposing a `FamilyAdapter`."""
+"""Model families: one module per family, each exposing a `ModelFamily`."""

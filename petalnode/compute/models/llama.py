@@ -1,4 +1,4 @@
-"""The Llama family adapter: Llama, Mistral, Qwen2 and SmolLM2 share one checkpoint layout.
+"""The Llama model family: Llama, Mistral, Qwen2 and SmolLM2 share one checkpoint layout.
 
 Blocks are transformers' own decoder layers, rotary embeddings, masks and caches; nothing here re-implements
 attention. A span of blocks [start, end) is rebuilt with *local* layer indices 0..k-1 and gets its own
@@ -180,7 +180,7 @@ class LlamaClientHead(nn.Module):
 
 
 class LlamaFamily:
-    """Adapter for every model type in `_FAMILY_CLASSES`."""
+    """The `ModelFamily` for every model type in `_FAMILY_CLASSES`."""
 
     model_types = frozenset(_FAMILY_CLASSES)
 

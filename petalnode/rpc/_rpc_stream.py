@@ -26,12 +26,13 @@ from petalnode.errors import (
     error_from_code,
 )
 from petalnode.identity import PeerId
-from petalnode.transport import _rpc_wire as wire
-from petalnode.transport._base import EndOfStreamError, Stream
+from petalnode.rpc import _rpc_wire as wire
+from petalnode.transport import EndOfStreamError, Stream
 
 log = logging.getLogger(__name__)
 
-# "Noticed within a few seconds" (issue 3): a ping a second, dead after five silent seconds.
+# A dead peer must be noticed within a few seconds (an inference client then fails over to another server): a
+# ping a second, dead after five silent seconds.
 HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_TIMEOUT_S = 5.0
 # Messages read ahead of the application; beyond this the transport's flow control pushes back on the sender.

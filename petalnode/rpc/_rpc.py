@@ -38,9 +38,9 @@ from petalnode.errors import (
     error_from_code,
 )
 from petalnode.identity import PeerAddress, PeerId
-from petalnode.transport import _rpc_wire as wire
-from petalnode.transport._base import CONNECT_TIMEOUT_S, Connection, EndOfStreamError, Listener, Stream, Transport
-from petalnode.transport._rpc_stream import HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, RPCStream
+from petalnode.rpc import _rpc_wire as wire
+from petalnode.rpc._rpc_stream import HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, RPCStream
+from petalnode.transport import CONNECT_TIMEOUT_S, Connection, EndOfStreamError, Listener, Stream, Transport
 
 log = logging.getLogger(__name__)
 
