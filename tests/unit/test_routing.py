@@ -238,4 +238,4 @@ def test_routes_1000_servers_and_80_blocks() -> None:
     rtt = {s.peer_id: rng.uniform(0.001, 0.2) for s in servers[::2]}
     route = choose_route(view, rtt_s=rtt, rng=rng)
     assert route[0].start == 0 and route[-1].end == 80
-    assert all(a.end == b.start for a, b in zip(route, route[1:], strict=False))
+    assert all(a.end == b.start for a, b in itertools.pairwise(route))
