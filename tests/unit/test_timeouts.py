@@ -141,3 +141,18 @@ def test_timeouts_also_sit_under_their_layer() -> None:
     assert issubclass(RPCTimeoutError, RemoteError) and RPCTimeoutError.code == "timeout"
     assert issubclass(StepTimeoutError, RPCTimeoutError) and issubclass(errors.OpenTimeoutError, RPCTimeoutError)
     assert type(error_from_code("timeout", "slow")) is RPCTimeoutError
+
+
+def _raises_of_bare_petalnode_error() -> list[str]:
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+                if isinstance(exc, ast.Name) and exc.id == "PetalnodeError":
+                    found.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    return found
+
+
+def test_no_module_raises_bare_petalnode_error() -> None:
+    assert _raises_of_bare_petalnode_error() == []
