@@ -13,24 +13,43 @@ and is only ever displayed, never evaluated).
     │   ├── LocalProtocolError           we were about to break the protocol
     │   └── RemoteProtocolError          the peer broke it
     ├── TransportError
-    │   ├── ConnectTimeoutError          per-phase timeouts
+    │   ├── ConnectTimeoutError          (also a PetalnodeTimeoutError, see below)
     │   ├── HandshakeError               identity proof failed
     │   │   └── PeerIdMismatchError      the peer is not the one the address names
     │   └── ConnectionClosedError        the other side vanished
     ├── ClosedResourceError              used after aclose()
     ├── InvalidStateError                wrong call for the current state
     ├── DHTError
-    │   └── InvalidRecordError           forged, tampered, expired or malformed record
+    │   ├── InvalidRecordError           forged, tampered, expired or malformed record
+    │   └── DHTTimeoutError              (also a PetalnodeTimeoutError)
     ├── ComputeError
     │   └── ShapeError                   a tensor of the wrong shape or dtype for the blocks
     ├── NoRouteError                     some blocks have no (usable) server
+    ├── LocalSwarmError                  a process of the embedded local swarm failed to start
+    │   └── StartupTimeoutError          (also a PetalnodeTimeoutError)
     └── RemoteError                      typed errors that travel back to an RPC caller
         ├── BusyError
         ├── OutOfCacheMemoryError        the KV-cache budget is exhausted (also raised locally)
         ├── UnknownSessionError
         ├── BadRequestError
-        ├── RPCTimeoutError
+        ├── RPCTimeoutError              (also a PetalnodeTimeoutError)
         └── InternalError
+
+Timeouts form one family, so `except PetalnodeTimeoutError` catches every phase; each phase class also sits
+under the layer it belongs to (multiple inheritance), so `except TransportError` still catches a connect
+timeout. None of them derives from the builtin `TimeoutError` (an `OSError`: `except OSError` around socket
+setup would catch it), and no builtin `TimeoutError` escapes a public call (`petalnode._timeouts.timeout_scope`
+converts them at each phase boundary):
+
+    PetalnodeTimeoutError                a phase took longer than its `Timeouts` field
+    ├── ConnectTimeoutError              dialling (TransportError)                     Timeouts.connect
+    │   └── HandshakeTimeoutError        the transport handshake   Timeouts.handshake / webrtc_handshake
+    ├── RPCTimeoutError                  a call or stream receive (RemoteError, code "timeout")  .rpc
+    │   ├── OpenTimeoutError             opening an inference session on a server          Timeouts.open
+    │   └── StepTimeoutError             one inference step / forward / backward           Timeouts.step
+    ├── DHTTimeoutError                  DHT bootstrap or lookup (DHTError)   dht_bootstrap / dht_lookup
+    ├── ClientTimeoutError               the synchronous client facade (`RemoteBlockChain`)  .client_start
+    └── StartupTimeoutError              a local swarm process not ready in time (LocalSwarmError)
 """
 
 from __future__ import annotations
@@ -68,8 +87,16 @@ class TransportError(PetalnodeError):
     """A connection could not be made or was lost."""
 
 
-class ConnectTimeoutError(TransportError):
+class PetalnodeTimeoutError(PetalnodeError):
+    """A phase took longer than its timeout (see `petalnode.Timeouts`); the base of every petalnode timeout."""
+
+
+class ConnectTimeoutError(PetalnodeTimeoutError, TransportError):
     """Connecting (or the handshake) took longer than the connect timeout."""
+
+
+class HandshakeTimeoutError(ConnectTimeoutError):
+    """The transport handshake (identity proof, WebRTC offer/answer) took longer than its timeout."""
 
 
 class HandshakeError(TransportError):
@@ -100,6 +127,10 @@ class InvalidRecordError(DHTError):
     """A DHT record is forged, tampered with, expired, replayed or malformed."""
 
 
+class DHTTimeoutError(PetalnodeTimeoutError, DHTError):
+    """A DHT bootstrap or lookup took longer than its timeout."""
+
+
 class ComputeError(PetalnodeError):
     """The compute module could not run the request."""
 
@@ -114,6 +145,14 @@ class NoRouteError(PetalnodeError):
     def __init__(self, message: str, *, missing: list[tuple[int, int]] | None = None) -> None:
         super().__init__(message)
         self.missing = list(missing or [])
+
+
+class LocalSwarmError(PetalnodeError):
+    """A bootstrap or server process of the embedded local swarm exited or failed before it was ready."""
+
+
+class StartupTimeoutError(PetalnodeTimeoutError, LocalSwarmError):
+    """A local swarm process did not become ready within its startup timeout."""
 
 
 class RemoteError(PetalnodeError):
@@ -146,10 +185,24 @@ class BadRequestError(RemoteError):
     code = "bad_request"
 
 
-class RPCTimeoutError(RemoteError):
+class RPCTimeoutError(PetalnodeTimeoutError, RemoteError):
     """The call did not complete within its timeout."""
 
     code = "timeout"
+
+
+# Open and step timeouts are RPC timeouts (an RPC stream receive that got nothing in time), so code that catches
+# RPCTimeoutError, and the failover policy that treats it as the server's fault, see them unchanged.
+class OpenTimeoutError(RPCTimeoutError):
+    """Opening an inference session on a server took longer than `Timeouts.open`."""
+
+
+class StepTimeoutError(RPCTimeoutError):
+    """An inference step (or forward/backward pass) on a server took longer than `Timeouts.step`."""
+
+
+class ClientTimeoutError(PetalnodeTimeoutError):
+    """An operation of the synchronous client facade took longer than its timeout."""
 
 
 class InternalError(RemoteError):

@@ -34,6 +34,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `simulations` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from petalnode import DEFAULT_TIMEOUTS, Timeouts
 from petalnode.dht import ServerState
 from petalnode.errors import PetalnodeError
 from petalnode.identity import Identity, PeerId
@@ -240,10 +241,16 @@ class ChurnSimulation:
         key = f"{context.get('message')}: {type(error).__name__}: {error}"[:200]
         self.loop_errors[key] += 1
 
+    def _timeouts(self) -> Timeouts:
+        """The scenario's timeouts as the one object every node and client of the run gets."""
+        s = self.scenario
+        timeouts = DEFAULT_TIMEOUTS.replace(step=s.step_timeout_s, wait_for_blocks=s.wait_for_blocks_s)
+        if s.dht_rpc_timeout_s is not None:
+            timeouts = timeouts.replace(dht_rpc=s.dht_rpc_timeout_s)
+        return timeouts
+
     def _node_kwargs(self, identity: Identity, host: str) -> dict[str, Any]:
         dht_options: dict[str, Any] = {}
-        if self.scenario.dht_rpc_timeout_s is not None:
-            dht_options["rpc_timeout_s"] = self.scenario.dht_rpc_timeout_s
         if self.scenario.dht_ksize is not None:
             dht_options["ksize"] = self.scenario.dht_ksize
         config = ConnectionConfig(idle_timeout_s=self.scenario.connection_idle_s)
@@ -252,6 +259,7 @@ class ChurnSimulation:
             "endpoint_factory": self.network.create_datagram_endpoint,
             "wall_clock": self.loop.wall_clock,
             "dht_options": dht_options,
+            "timeouts": self._timeouts(),
         }
 
     async def _start_bootstrap(self) -> None:
@@ -440,8 +448,7 @@ class ChurnSimulation:
         assert self._bootstrap is not None
         kwargs = self._node_kwargs(identity, host)
         client = SwarmClient(
-            MODEL, s.num_blocks, [self._bootstrap.address], step_timeout_s=s.step_timeout_s,
-            wait_for_blocks_s=s.wait_for_blocks_s, identity=identity, seed=s.seed * 1000 + index,
+            MODEL, s.num_blocks, [self._bootstrap.address], identity=identity, seed=s.seed * 1000 + index,
             listen_host=host, **kwargs,
         )
         async with asyncio.timeout(SERVER_START_BOUND_S):

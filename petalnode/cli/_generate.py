@@ -29,6 +29,9 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
                         help="how hidden states travel between peers (default raw: lossless)")
     parser.add_argument("--wait-for-blocks", type=float, default=60.0, metavar="SECONDS",
                         help="how long to wait for servers when some blocks have none (default 60)")
+    parser.add_argument("--step-timeout", type=float, default=None, metavar="SECONDS",
+                        help="how long one server may take for one step before the client fails over "
+                             "(default: Timeouts.step, 60)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.set_defaults(run=run_generate)
 
@@ -37,6 +40,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:  # before importing torch: a typo is answered at once
         raise ConfigError("--max-new-tokens must be at least 1")
 
+    from petalnode import DEFAULT_TIMEOUTS
     from petalnode.client import AutoDistributedModelForCausalLM, even_spans
     from petalnode.codecs import TensorCodec
     from petalnode.compute import configure_threads, load_model_info
@@ -57,8 +61,11 @@ def run_generate(args: argparse.Namespace) -> int:
             if not bootstrap:
                 bootstrap = [_start_local_swarm(stack, args, info)]
             # The swarm client dials tcp:// and webrtc:// (servers behind NAT, through their relay).
+            timeouts = DEFAULT_TIMEOUTS.replace(wait_for_blocks=args.wait_for_blocks)
+            if args.step_timeout is not None:
+                timeouts = timeouts.replace(step=args.step_timeout)
             chain = RemoteBlockChain.connect(info, bootstrap=bootstrap, codec=TensorCodec(args.codec),
-                                             wait_for_blocks_s=args.wait_for_blocks)
+                                             timeouts=timeouts)
             stack.callback(chain.close)
             model = AutoDistributedModelForCausalLM.from_pretrained(info.source, chain=chain)
         return _generate(model, tokenizer, input_ids, args)

@@ -24,11 +24,12 @@ from typing import Any
 from kademlia.network import Server
 from kademlia.node import Node
 
+from petalnode._timeouts import DEFAULT_TIMEOUTS, Timeouts, timeout_scope
 from petalnode.dht._crawling import FastNodeSpiderCrawl, RecordSpiderCrawl
-from petalnode.dht._protocol import RPC_TIMEOUT_S, HardenedProtocol
+from petalnode.dht._protocol import HardenedProtocol
 from petalnode.dht._record import MAX_CLOCK_SKEW_S, MAX_RECORD_TTL_S, MAX_VALUE_BYTES, Record, dht_key
 from petalnode.dht._storage import RecordStorage
-from petalnode.errors import ClosedResourceError, ConfigError, DHTError, InvalidStateError
+from petalnode.errors import ClosedResourceError, ConfigError, DHTError, DHTTimeoutError, InvalidStateError
 from petalnode.identity import Identity, PeerId
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,9 @@ log = logging.getLogger(__name__)
 # Petals expires announcements after about 2x their update period; we refresh every ttl/2.
 RECORD_TTL_S = 300.0
 # A lookup is ~log2(N)/alpha rounds of one RPC each, plus RPC timeouts for dead contacts; 20 s bounds it.
-LOOKUP_TIMEOUT_S = 20.0
-BOOTSTRAP_TIMEOUT_S = 20.0
+# (The defaults of Timeouts.dht_lookup / dht_bootstrap; a DHTNode takes its values from a `Timeouts`.)
+LOOKUP_TIMEOUT_S = DEFAULT_TIMEOUTS.dht_lookup
+BOOTSTRAP_TIMEOUT_S = DEFAULT_TIMEOUTS.dht_bootstrap
 CULL_INTERVAL_S = 60.0
 # Kademlia paper section 2.3 refreshes idle buckets hourly; we check every 10 minutes (cheap when none are idle).
 BUCKET_REFRESH_INTERVAL_S = 600.0
@@ -113,9 +115,10 @@ class DHTNode:
         *,
         endpoint_factory: EndpointFactory | None = None,
         client_mode: bool = False,
-        rpc_timeout_s: float = RPC_TIMEOUT_S,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
+        rpc_timeout_s: float | None = None,
         record_ttl_s: float = RECORD_TTL_S,
-        lookup_timeout_s: float = LOOKUP_TIMEOUT_S,
+        lookup_timeout_s: float | None = None,
         wall_clock: Callable[[], float] = time.time,
         ksize: int = KSIZE,
         alpha: int = ALPHA,
@@ -124,12 +127,17 @@ class DHTNode:
     ) -> None:
         if not 0 < record_ttl_s <= max_record_ttl_s:
             raise ConfigError(f"record_ttl_s must be in (0, {max_record_ttl_s}], got {record_ttl_s}")
+        # rpc_timeout_s / lookup_timeout_s override `timeouts.dht_rpc` / `dht_lookup` (kept for callers).
+        rpc_timeout_s = timeouts.dht_rpc if rpc_timeout_s is None else rpc_timeout_s
+        if rpc_timeout_s is None:
+            raise ConfigError("a DHT datagram RPC needs a timeout (a lost datagram never answers): dht_rpc=None")
         if rpc_timeout_s <= 0:
             raise ConfigError(f"rpc_timeout_s must be positive, got {rpc_timeout_s}")
         self.identity = identity
         self.client_mode = client_mode
         self.record_ttl_s = record_ttl_s
-        self.lookup_timeout_s = lookup_timeout_s
+        self.lookup_timeout_s = timeouts.dht_lookup if lookup_timeout_s is None else lookup_timeout_s
+        self.bootstrap_timeout_s = timeouts.dht_bootstrap
         self._endpoint_factory = endpoint_factory
         self._wall_clock = wall_clock
         self._max_ttl_s = max_record_ttl_s
@@ -195,11 +203,12 @@ class DHTNode:
         """Join (or re-join) the network through `addresses`; returns how many nodes we now know."""
         self._check_running()
         addrs = [await self._resolve(h, p) for h, p in addresses]
+        # A slow bootstrap is not fatal: whoever answered in time is enough (the error below if nobody did).
         try:
-            async with asyncio.timeout(BOOTSTRAP_TIMEOUT_S):
+            async with timeout_scope(self.bootstrap_timeout_s, DHTTimeoutError, "DHT bootstrap timed out"):
                 await self._server.bootstrap(addrs)
-        except TimeoutError:
-            log.warning("DHT bootstrap through %s timed out after %.0f s", addrs, BOOTSTRAP_TIMEOUT_S)
+        except DHTTimeoutError:
+            log.warning("DHT bootstrap through %s timed out after %s s", addrs, self.bootstrap_timeout_s)
         known = len(self.protocol.router.contacts())
         if addrs and known == 0:
             raise DHTError(f"no DHT bootstrap node answered: {addrs}")
@@ -260,10 +269,11 @@ class DHTNode:
             self.storage.cull()
             if loop.time() >= next_bucket_refresh:
                 next_bucket_refresh = loop.time() + BUCKET_REFRESH_INTERVAL_S
+                refresh_s = None if self.lookup_timeout_s is None else self.lookup_timeout_s * 3
                 try:
-                    async with asyncio.timeout(LOOKUP_TIMEOUT_S * 3):
+                    async with timeout_scope(refresh_s, DHTTimeoutError, "DHT bucket refresh timed out"):
                         await self._server._refresh_table()
-                except (TimeoutError, DHTError) as e:
+                except DHTError as e:
                     log.warning("DHT bucket refresh failed: %s", e)
 
     # -- records --------------------------------------------------------------------------------------------------
@@ -307,9 +317,9 @@ class DHTNode:
             if nearest:
                 crawl = FastNodeSpiderCrawl(self.protocol, keynode, nearest, self._server.ksize, self._server.alpha)
                 try:
-                    async with asyncio.timeout(self.lookup_timeout_s):
+                    async with timeout_scope(self.lookup_timeout_s, DHTTimeoutError, "DHT store lookup timed out"):
                         nodes = await crawl.find()
-                except TimeoutError:
+                except DHTTimeoutError:
                     nodes = list(crawl.nearest)
                     log.warning("DHT store lookup timed out; storing on the %d nodes found", len(nodes))
             if not self.client_mode and (
@@ -346,10 +356,11 @@ class DHTNode:
         )
         crawl.merge(self.storage.records(key))
         if nearest:
+            # Past the lookup timeout we return what we found (a partial answer beats none for routing).
             try:
-                async with asyncio.timeout(self.lookup_timeout_s):
+                async with timeout_scope(self.lookup_timeout_s, DHTTimeoutError, "DHT lookup timed out"):
                     await crawl.find()
-            except TimeoutError:
+            except DHTTimeoutError:
                 log.warning("DHT lookup timed out after %.1f s; returning %d records", self.lookup_timeout_s,
                             len(crawl.found))
         now = self._wall_clock()

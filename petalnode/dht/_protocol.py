@@ -47,7 +47,7 @@ from petalnode.errors import CodecError, DHTError, RemoteProtocolError
 log = logging.getLogger(__name__)
 
 # kademlia hard-codes 5 s; loopback and LAN replies take well under 100 ms, WAN under 1 s.
-RPC_TIMEOUT_S = 2.0
+RPC_TIMEOUT_S = 2.0  # the default of Timeouts.dht_rpc (petalnode/_timeouts.py)
 MAX_STRIKES = 2
 # Record bytes per FIND_VALUE page / STORE batch: with up to 20 contacts (~900 B) and framing this stays well
 # under the 8192-byte datagram cap.

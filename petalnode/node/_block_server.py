@@ -24,6 +24,7 @@ from typing import TypeVar
 import torch
 
 from petalnode import __version__
+from petalnode._timeouts import DEFAULT_TIMEOUTS
 from petalnode.codecs import TensorCodec
 from petalnode.compute import SessionManager, span_backward, span_forward
 from petalnode.errors import BadRequestError, BusyError, ComputeError, InvalidStateError
@@ -47,7 +48,7 @@ T = TypeVar("T")
 
 # Largest number of positions one forward pass may carry (batch x sequence), to bound a request's memory.
 MAX_FORWARD_TOKENS = 8192
-FIRST_MESSAGE_TIMEOUT_S = 10.0
+FIRST_MESSAGE_TIMEOUT_S = DEFAULT_TIMEOUTS.first_message  # Node passes Timeouts.first_message
 
 
 @dataclass
@@ -66,8 +67,16 @@ class HostedSpan:
 class BlockServer:
     """RPC handlers for one hosted span."""
 
-    def __init__(self, hosted: HostedSpan, sessions: SessionManager, executor: ComputeExecutor) -> None:
+    def __init__(
+        self,
+        hosted: HostedSpan,
+        sessions: SessionManager,
+        executor: ComputeExecutor,
+        *,
+        first_message_timeout_s: float | None = FIRST_MESSAGE_TIMEOUT_S,
+    ) -> None:
         self.hosted = hosted
+        self.first_message_timeout_s = first_message_timeout_s
         self.sessions = sessions
         self.executor = executor
         self.steps_served = 0
@@ -182,7 +191,7 @@ class BlockServer:
             raise BadRequestError(str(e)) from e
 
     async def rpc_inference(self, stream: RPCStream, context: CallContext) -> None:
-        opening = await stream.receive(timeout_s=FIRST_MESSAGE_TIMEOUT_S)
+        opening = await stream.receive(timeout_s=self.first_message_timeout_s)
         if not isinstance(opening, OpenInference):
             raise BadRequestError("an inference stream must start with OpenInference")
         if self._draining:

@@ -64,7 +64,9 @@ class Verdict(enum.Enum):
 
 
 # Errors a server can cause; anything else is ours. RemoteError subclasses are handled one by one below.
-_SERVER_SIDE = (TransportError, RemoteProtocolError, CodecError, TimeoutError)
+# No builtin TimeoutError here: every phase timeout is a petalnode error (ConnectTimeoutError is a TransportError;
+# RPC, open and step timeouts are RemoteErrors), see petalnode/_timeouts.py.
+_SERVER_SIDE = (TransportError, RemoteProtocolError, CodecError)
 
 
 def classify(error: BaseException, *, phase: Phase) -> Verdict:

@@ -18,9 +18,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from petalnode.errors import ConfigError, PetalnodeError
+from petalnode.errors import ConfigError, InvalidStateError, LocalSwarmError, StartupTimeoutError
 
+# A timeout of its own (not in `Timeouts`): it bounds loading a model in a child process, a harness concern.
 STARTUP_TIMEOUT_S = 180.0
+# A grace period (SIGTERM, then SIGKILL), not a timeout of a phase.
 STOP_GRACE_S = 10.0
 
 
@@ -41,12 +43,12 @@ class SwarmProcess:
                 except ValueError:
                     pass  # being written
             if self.process.poll() is not None:
-                raise PetalnodeError(
+                raise LocalSwarmError(
                     f"{self.role} process exited with code {self.process.returncode} before it was ready:\n"
                     + self.log_file.read_text()[-3000:]
                 )
             time.sleep(0.05)
-        raise PetalnodeError(f"{self.role} process not ready within {STARTUP_TIMEOUT_S:.0f} s:\n"
+        raise StartupTimeoutError(f"{self.role} process not ready within {STARTUP_TIMEOUT_S:.0f} s:\n"
                              + self.log_file.read_text()[-3000:])
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -84,7 +86,7 @@ class LocalSwarm:
     @property
     def bootstrap_address(self) -> str:
         if self.bootstrap is None:
-            raise PetalnodeError("the local swarm is not started")
+            raise InvalidStateError('cannot get the bootstrap address of a local swarm in state "not started"')
         return self.bootstrap.info["address"]
 
     def _spawn(self, role: str, args: list[str]) -> SwarmProcess:

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from petalnode import __version__
+from petalnode._timeouts import DEFAULT_TIMEOUTS, Timeouts, timeout_scope
 from petalnode.compute import DEFAULT_CACHE_TOKENS_PER_BLOCK, ServePlan, plan_serving
 from petalnode.dht import MAX_ADAPTERS, Announcement, DHTNode, ServerState, block_keys
-from petalnode.errors import ClosedResourceError, ConfigError, DHTError, InvalidStateError
+from petalnode.errors import ClosedResourceError, ConfigError, DHTError, DHTTimeoutError, InvalidStateError
 from petalnode.identity import Identity, PeerAddress
 from petalnode.node._backend import ComputeBackend, LoraCapableBackend, TorchBackend, split_adapter_spec
 from petalnode.node._placement import choose_blocks, join_recheck_waits, rebalance_target
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 
 # Announcements live this long unless refreshed (refresh every ttl/2): a crashed server vanishes within it.
 DEFAULT_RECORD_TTL_S = 60.0
-OFFLINE_ANNOUNCE_TIMEOUT_S = 3.0
 IDLE_SWEEP_PERIOD_S = 5.0
 _PORT_ATTEMPTS = 8
 
@@ -122,8 +122,11 @@ class Node:
         compute: ComputeBackend | None = None,
         dht_options: dict[str, Any] | None = None,
         nat: NatOptions | None = None,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
     ) -> None:
         """Args (beyond the obvious):
+            timeouts: how long each phase may take, handed to the RPC layer, the default TCP transport, the DHT
+                and the block server (a given `transport` keeps its own handshake/keepalive settings).
             transport: defaults to TCP; the simulator passes an in-memory transport.
             endpoint_factory: how the DHT opens its datagram socket (default: real UDP).
             wall_clock: absolute time for DHT record expiry (the simulator's virtual clock).
@@ -137,6 +140,7 @@ class Node:
         self._wall_clock = wall_clock
         self.compute = compute or TorchBackend()
         self._dht_options = dht_options or {}
+        self.timeouts = timeouts
         self._signaling = Signaling(self.identity, nat) if nat is not None and transport is None else None
         self.listen_host = listen_host
         self.listen_port = listen_port
@@ -216,9 +220,10 @@ class Node:
             raise
 
     async def _listen(self) -> None:
-        default = self._signaling.transport() if self._signaling is not None else TcpTransport(self.identity)
+        default = (self._signaling.transport() if self._signaling is not None
+                   else TcpTransport(self.identity, timeouts=self.timeouts))
         self._transport = self._given_transport or default
-        self._rpc = RPC(self._transport)
+        self._rpc = RPC(self._transport, timeouts=self.timeouts)
         if self._signaling is not None:
             self._signaling.attach(self._rpc)
         bootstrap = [(a.host, a.port) for a in self.bootstrap_addresses]
@@ -227,7 +232,7 @@ class Node:
             listener = await self._rpc.listen(host=self.listen_host, port=self.listen_port)
             port = listener.address.port
             dht = DHTNode(self.identity, record_ttl_s=self.record_ttl_s, endpoint_factory=self._endpoint_factory,
-                          wall_clock=self._wall_clock, **self._dht_options)
+                          wall_clock=self._wall_clock, **{"timeouts": self.timeouts, **self._dht_options})
             try:
                 await dht.start(listen=(self.listen_host, port))
             except OSError as e:  # UDP port taken by someone else: try another TCP port
@@ -293,7 +298,8 @@ class Node:
         self.hosted, self._sessions = hosted, sessions
         from petalnode.node._block_server import BlockServer
 
-        self._server = BlockServer(hosted, sessions, self._executor)
+        self._server = BlockServer(hosted, sessions, self._executor,
+                                   first_message_timeout_s=self.timeouts.first_message)
         self._server.register(self.rpc)
         await self._announce_online(hosted, sessions)
         self._spawn(self._sweep_idle_sessions())
@@ -451,7 +457,8 @@ class Node:
                 model, start, end, throughput = announced
                 offline = self._announcement_factory(model)(ServerState.OFFLINE, start, end, throughput, 0)
                 with contextlib.suppress(Exception):
-                    async with asyncio.timeout(OFFLINE_ANNOUNCE_TIMEOUT_S):
+                    async with timeout_scope(self.timeouts.offline_announce, DHTTimeoutError,
+                                             "announcing OFFLINE timed out"):
                         await self._dht.store_many(_keys(model, start, end), offline)
             if self._server is not None and self.serve_options is not None:
                 # Finish the steps being computed (their replies go out); later steps are handed back.

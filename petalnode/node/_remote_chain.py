@@ -15,15 +15,17 @@ from typing import Any, TypeVar
 
 import torch
 
+from petalnode._timeouts import DEFAULT_TIMEOUTS
 from petalnode.codecs import TensorCodec
 from petalnode.compute import ModelInfo
-from petalnode.errors import ClosedResourceError
+from petalnode.errors import ClientTimeoutError, ClosedResourceError
 from petalnode.identity import PeerAddress
 from petalnode.node._swarm_client import SwarmClient, SwarmSession
 from petalnode.node._swarm_view import SwarmView
 
 T = TypeVar("T")
-CONNECT_TIMEOUT_S = 60.0
+# The default of Timeouts.client_start; `connect` reads `timeouts.client_start` from its options.
+CONNECT_TIMEOUT_S = DEFAULT_TIMEOUTS.client_start
 
 
 class _LoopThread:
@@ -35,12 +37,19 @@ class _LoopThread:
         self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+        """Run `coro` on the loop thread and return its result.
+
+        Raises:
+            ClientTimeoutError: it took longer than `timeout_s` (it is cancelled).
+        """
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result(timeout_s)
         except concurrent.futures.TimeoutError:
+            if future.done():  # the coroutine's own error, not our wait running out
+                raise
             future.cancel()
-            raise TimeoutError(f"client operation took longer than {timeout_s} s") from None
+            raise ClientTimeoutError(f"client operation took longer than {timeout_s} s") from None
         except KeyboardInterrupt:
             future.cancel()
             raise
@@ -107,7 +116,7 @@ class RemoteBlockChain:
         client = SwarmClient(info.source.name, info.num_blocks, bootstrap, dtype=dtype, codec=TensorCodec(codec),
                              **options)
         try:
-            loop.run(client.start(), timeout_s=CONNECT_TIMEOUT_S)
+            loop.run(client.start(), timeout_s=client.timeouts.client_start)
         except BaseException:
             loop.close()
             raise

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -31,18 +33,22 @@ from typing import Any
 
 import torch
 
+from petalnode._timeouts import DEFAULT_TIMEOUTS, Timeouts, timeout_scope
 from petalnode.codecs import TensorCodec
 from petalnode.dht import DHTNode
 from petalnode.errors import (
     BadRequestError,
     ClosedResourceError,
     CodecError,
+    ConfigError,
     DHTError,
     InvalidStateError,
     LocalProtocolError,
     NoRouteError,
+    OpenTimeoutError,
     PetalnodeError,
     RemoteProtocolError,
+    StepTimeoutError,
 )
 from petalnode.identity import Identity, PeerAddress, PeerId
 from petalnode.node._bans import BanList
@@ -78,11 +84,20 @@ from petalnode.transport import TcpTransport, Transport
 
 log = logging.getLogger(__name__)
 
-STEP_TIMEOUT_S = 60.0
-OPEN_TIMEOUT_S = 15.0
-RTT_PROBE_TIMEOUT_S = 2.0
-WAIT_FOR_BLOCKS_S = 60.0
+# Defaults of Timeouts.step / wait_for_blocks (kept as names for callers); a client reads its `timeouts`.
+STEP_TIMEOUT_S = DEFAULT_TIMEOUTS.step
+WAIT_FOR_BLOCKS_S = DEFAULT_TIMEOUTS.wait_for_blocks
+# A period, not a timeout: the swarm view is re-read from the DHT when older than this.
 SWARM_VIEW_MAX_AGE_S = 10.0
+
+
+class _Unset(enum.Enum):
+    """Marker for 'keyword not given' (None already means 'no limit')."""
+
+    TOKEN = 0
+
+
+_UNSET = _Unset.TOKEN
 # Positions (batch x sequence) in one forward/backward request; servers refuse more (MAX_FORWARD_TOKENS).
 MAX_PASS_TOKENS = 8192
 
@@ -264,8 +279,9 @@ class SwarmClient:
         *,
         dtype: torch.dtype = torch.float32,
         codec: TensorCodec = TensorCodec.RAW,
-        step_timeout_s: float = STEP_TIMEOUT_S,
-        wait_for_blocks_s: float = WAIT_FOR_BLOCKS_S,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
+        step_timeout_s: float | _Unset | None = _UNSET,
+        wait_for_blocks_s: float | _Unset | None = _UNSET,
         identity: Identity | None = None,
         seed: int | None = None,
         transport: Transport | None = None,
@@ -275,13 +291,17 @@ class SwarmClient:
         dht_options: dict[str, Any] | None = None,
     ) -> None:
         if not bootstrap:
-            raise PetalnodeError("a swarm client needs at least one bootstrap address")
+            raise ConfigError("a swarm client needs at least one bootstrap address")
         self.model = model
         self.num_blocks = num_blocks
         self.dtype = dtype
         self.codec = TensorCodec(codec)
-        self.step_timeout_s = step_timeout_s
-        self.wait_for_blocks_s = wait_for_blocks_s
+        # step_timeout_s / wait_for_blocks_s (older keywords, used by the CLI and tests) override `timeouts`.
+        changes = {name: value for name, value in (("step", step_timeout_s), ("wait_for_blocks", wait_for_blocks_s))
+                   if not isinstance(value, _Unset)}
+        self.timeouts = timeouts.replace(**changes) if changes else timeouts
+        self.step_timeout_s = self.timeouts.step
+        self.wait_for_blocks_s = self.timeouts.wait_for_blocks
         self.bootstrap = [a if isinstance(a, PeerAddress) else PeerAddress.parse(a) for a in bootstrap]
         self.identity = identity or Identity.generate()
         self.rng = random.Random(seed)
@@ -309,10 +329,11 @@ class SwarmClient:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.bans = BanList(loop.time)
-        self._transport = self._given_transport or TcpTransport(self.identity)
-        self._rpc = RPC(self._transport, call_timeout_s=self.step_timeout_s)
+        self._transport = self._given_transport or TcpTransport(self.identity, timeouts=self.timeouts)
+        # Unary calls (forward/backward passes, info) get the step timeout: they are one pass through a span.
+        self._rpc = RPC(self._transport, timeouts=self.timeouts, call_timeout_s=self.timeouts.step)
         self._dht = DHTNode(self.identity, client_mode=True, endpoint_factory=self._endpoint_factory,
-                            wall_clock=self._wall_clock, **self._dht_options)
+                            wall_clock=self._wall_clock, **{"timeouts": self.timeouts, **self._dht_options})
         try:
             await self._dht.start(listen=(self._listen_host, 0),
                                   bootstrap=[(a.host, a.port) for a in self.bootstrap])
@@ -531,7 +552,7 @@ class SwarmClient:
         """A route over [start, end) around banned servers and `avoid`, waiting up to `wait_for_blocks_s` for
         missing blocks to get a server."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.wait_for_blocks_s
+        deadline = loop.time() + (math.inf if self.wait_for_blocks_s is None else self.wait_for_blocks_s)
         reported = None
         fresh = False
         while True:
@@ -574,7 +595,7 @@ class SwarmClient:
             started = loop.time()
             try:
                 await rpc.call(_address_of(server), "info", InfoRequest(), expected=ServerInfo,
-                               timeout_s=RTT_PROBE_TIMEOUT_S)
+                               timeout_s=self.timeouts.rtt_probe)
                 self.rtt[server.peer_id] = loop.time() - started
             except (PetalnodeError, OSError) as e:
                 log.debug("rtt probe of %s failed: %s", server.peer_id, e)
@@ -627,7 +648,8 @@ class SwarmClient:
         self, step: RouteHop, max_length: int, batch_size: int, adapter: str | None, prompts: torch.Tensor | None
     ) -> _Hop:
         rpc = self._require_rpc()
-        async with asyncio.timeout(OPEN_TIMEOUT_S):
+        async with timeout_scope(self.timeouts.open, OpenTimeoutError,
+                                 f"opening a session on {step.peer_id} took over {self.timeouts.open} s"):
             stream = await rpc.open_stream(_address_of(step.server), "inference",
                                            expected=(InferenceOpened, InferenceResult))
             try:
@@ -651,7 +673,7 @@ class SwarmClient:
                                   tensor_codec=self.codec)
         except CodecError as e:  # our step does not fit the wire limits: our fault, not the server's
             raise LocalProtocolError(f"cannot send a step of shape {tuple(hidden.shape)}: {e}") from e
-        reply = await hop.stream.receive(timeout_s=self.step_timeout_s)
+        reply = await hop.stream.receive(timeout_s=self.step_timeout_s, error_cls=StepTimeoutError)
         if not isinstance(reply, InferenceResult):
             raise RemoteProtocolError(f"expected InferenceResult from {hop.peer_id}, got {type(reply).__name__}")
         out = reply.hidden

@@ -19,10 +19,12 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from petalnode._timeouts import DEFAULT_TIMEOUTS, Timeouts, timeout_scope
 from petalnode.codecs import DEFAULT_LIMITS, CodecLimits, Message, decode_message, encode_message
 from petalnode.errors import (
     BadRequestError,
@@ -39,15 +41,13 @@ from petalnode.errors import (
 )
 from petalnode.identity import PeerAddress, PeerId
 from petalnode.rpc import _rpc_wire as wire
-from petalnode.rpc._rpc_stream import HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, RPCStream
-from petalnode.transport import CONNECT_TIMEOUT_S, Connection, EndOfStreamError, Listener, Stream, Transport
+from petalnode.rpc._rpc_stream import HEARTBEAT_INTERVAL_S, RPCStream
+from petalnode.transport import Connection, EndOfStreamError, Listener, Stream, Transport
 
 log = logging.getLogger(__name__)
 
-# Default for one unary call; a forward pass through a few blocks on a CPU can take seconds.
-RPC_TIMEOUT_S = 30.0
-# A peer that opens a stream must say what it wants this quickly.
-FIRST_MESSAGE_TIMEOUT_S = 10.0
+# Default for one unary call; a forward pass through a few blocks on a CPU can take seconds (Timeouts.rpc).
+RPC_TIMEOUT_S = DEFAULT_TIMEOUTS.rpc
 
 MessageTypes = type[Message] | tuple[type[Message], ...]
 
@@ -56,6 +56,11 @@ class _Default(enum.Enum):
     """Marker for 'use the RPC object's default timeout' (None already means 'no limit')."""
 
     TOKEN = 0
+
+
+def _dial_timeout(connect_timeout_s: float | None) -> float:
+    # Transports take a number; None (no limit) becomes infinity, which asyncio.timeout treats as no deadline.
+    return math.inf if connect_timeout_s is None else connect_timeout_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,19 +104,32 @@ class RPC:
         transport: Transport,
         *,
         limits: CodecLimits = DEFAULT_LIMITS,
-        call_timeout_s: float | None = RPC_TIMEOUT_S,
-        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
+        call_timeout_s: float | _Default | None = _Default.TOKEN,
+        connect_timeout_s: float | _Default | None = _Default.TOKEN,
         heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
-        heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
+        heartbeat_timeout_s: float | _Default | None = _Default.TOKEN,
     ) -> None:
-        if not 0 < heartbeat_interval_s < heartbeat_timeout_s:
+        """Args (beyond the obvious):
+            timeouts: `rpc` (default per-call timeout), `connect` (dialling, opening a stream),
+                `heartbeat` (RPC streams) and `first_message` (serving) come from here.
+            call_timeout_s / connect_timeout_s / heartbeat_timeout_s: override the matching field.
+        """
+        if isinstance(call_timeout_s, _Default):
+            call_timeout_s = timeouts.rpc
+        if isinstance(connect_timeout_s, _Default):
+            connect_timeout_s = timeouts.connect
+        if isinstance(heartbeat_timeout_s, _Default):
+            heartbeat_timeout_s = timeouts.heartbeat
+        if not 0 < heartbeat_interval_s < (math.inf if heartbeat_timeout_s is None else heartbeat_timeout_s):
             raise ConfigError("need 0 < heartbeat_interval_s < heartbeat_timeout_s")
         self.transport = transport
         self.limits = limits
+        self.timeouts = timeouts
         self.call_timeout_s = call_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.heartbeat_interval_s = heartbeat_interval_s
-        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.heartbeat_timeout_s = math.inf if heartbeat_timeout_s is None else heartbeat_timeout_s
         self._unary: dict[str, _Unary] = {}
         self._streams: dict[str, _StreamRoute] = {}
         self._pool: dict[PeerId | str, Connection] = {}
@@ -178,14 +196,15 @@ class RPC:
         request_bytes = wire.encode_call(verb, encode_message(request, **encode_options))  # type: ignore[arg-type]
         stream: Stream | None = None
         try:
-            async with asyncio.timeout(timeout):
+            async with timeout_scope(timeout, RPCTimeoutError, f"{verb} to {_describe(peer)} got no reply within "
+                                     f"{timeout} s"):
                 stream = await self._open(peer)
                 await stream.send(request_bytes)
                 await stream.send_eof()
                 reply = await stream.receive()
-        except TimeoutError:
+        except RPCTimeoutError:
             await _reset_quietly(stream, "call timed out")
-            raise RPCTimeoutError(f"{verb} to {_describe(peer)} got no reply within {timeout} s") from None
+            raise
         except BaseException:
             await _reset_quietly(stream, "call abandoned")
             raise
@@ -205,12 +224,13 @@ class RPC:
         self._check_open()
         stream = None
         try:
-            async with asyncio.timeout(self.connect_timeout_s):
+            async with timeout_scope(self.connect_timeout_s, RPCTimeoutError,
+                                     f"opening {verb} to {_describe(peer)} took over {self.connect_timeout_s} s"):
                 stream = await self._open(peer)
                 await stream.send(wire.encode_open(verb))
-        except TimeoutError:
+        except RPCTimeoutError:
             await _reset_quietly(stream, "open timed out")
-            raise RPCTimeoutError(f"opening {verb} to {_describe(peer)} took over {self.connect_timeout_s} s") from None
+            raise
         except BaseException:
             await _reset_quietly(stream, "open abandoned")
             raise
@@ -255,7 +275,7 @@ class RPC:
             connection = self._pool.get(key)
             if connection is not None and not connection.closed:
                 return connection
-            connection = await self.transport.dial(address, connect_timeout_s=self.connect_timeout_s)
+            connection = await self.transport.dial(address, connect_timeout_s=_dial_timeout(self.connect_timeout_s))
             if self._closed:
                 await connection.aclose()
                 self._check_open()
@@ -304,10 +324,10 @@ class RPC:
 
     async def _serve_stream(self, connection: Connection, stream: Stream) -> None:
         try:
-            async with asyncio.timeout(FIRST_MESSAGE_TIMEOUT_S):
+            async with timeout_scope(self.timeouts.first_message, RPCTimeoutError, "no request in time"):
                 first = await stream.receive()
             envelope = wire.parse_envelope(first)
-        except (TimeoutError, TransportError, RemoteProtocolError) as e:
+        except (RPCTimeoutError, TransportError, RemoteProtocolError) as e:
             log.info("dropping RPC stream from %s: %s", connection.remote_peer_id, e or "no request in time")
             await _reset_quietly(stream, "bad or missing request")
             return

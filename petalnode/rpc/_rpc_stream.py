@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 
+from petalnode._timeouts import DEFAULT_TIMEOUTS, timeout_scope
 from petalnode.codecs import DEFAULT_LIMITS, CodecLimits, Message, decode_message, encode_message
 from petalnode.errors import (
     ClosedResourceError,
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 # A dead peer must be noticed within a few seconds (an inference client then fails over to another server): a
 # ping a second, dead after five silent seconds.
 HEARTBEAT_INTERVAL_S = 1.0
-HEARTBEAT_TIMEOUT_S = 5.0
+HEARTBEAT_TIMEOUT_S = DEFAULT_TIMEOUTS.heartbeat  # Timeouts.heartbeat
 # Messages read ahead of the application; beyond this the transport's flow control pushes back on the sender.
 _READ_AHEAD = 4
 
@@ -115,11 +116,17 @@ class RPCStream:
 
     # ---- receiving ----------------------------------------------------------------------------------------
 
-    async def receive(self, *, timeout_s: float | None = None) -> Message:
+    async def receive(
+        self, *, timeout_s: float | None = None, error_cls: type[RPCTimeoutError] = RPCTimeoutError
+    ) -> Message:
         """The next message from the peer.
 
+        Args:
+            timeout_s: how long to wait (None: no limit).
+            error_cls: what a timeout raises; the caller names its phase (e.g. `StepTimeoutError`).
+
         Raises:
-            RPCTimeoutError: nothing arrived within `timeout_s` (the stream stays usable).
+            RPCTimeoutError: nothing arrived within `timeout_s` (the stream stays usable); `error_cls` if given.
             EndOfStreamError: the peer finished the stream.
             RemoteError: the peer sent a typed error (a subclass: BusyError, UnknownSessionError, ...).
             ConnectionClosedError: the peer stopped answering heartbeats or the connection was lost.
@@ -129,11 +136,8 @@ class RPCStream:
             raise ClosedResourceError(f"{self!r}: cannot receive in state \"closed\"")
         if self._ended is not None:
             raise type(self._ended)(*self._ended.args)
-        try:
-            async with asyncio.timeout(timeout_s):
-                item = await self._inbox.get()
-        except TimeoutError:
-            raise RPCTimeoutError(f"{self!r}: nothing received within {timeout_s} s") from None
+        async with timeout_scope(timeout_s, error_cls, f"{self!r}: nothing received within {timeout_s} s"):
+            item = await self._inbox.get()
         if isinstance(item, PetalnodeError):
             self._ended = item
             raise type(item)(*item.args)

@@ -21,7 +21,7 @@ from petalnode.errors import ConfigError, ConnectionClosedError
 from petalnode.identity import PeerAddress, PeerId
 
 # A few seconds: a loopback/LAN handshake takes milliseconds, a far peer a few hundred.
-CONNECT_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 5.0  # the default of Timeouts.connect (petalnode/_timeouts.py)
 # Enough for a 64 MiB tensor plus its envelope; anything bigger is a bug or an attack.
 MAX_MESSAGE_BYTES = 96 * 1024 * 1024
 # 240 KiB chunks plus a small header fit WebRTC's 256 KiB data-channel message limit.
@@ -33,7 +33,7 @@ MAX_STREAMS = 256
 # Connection keepalive: a silent connection is probed this often and dropped after the timeout, so a peer that
 # vanished without a FIN (power loss, partition) is noticed even when no RPC is in flight.
 KEEPALIVE_INTERVAL_S = 5.0
-KEEPALIVE_TIMEOUT_S = 20.0
+KEEPALIVE_TIMEOUT_S = 20.0  # the default of Timeouts.keepalive
 
 
 class EndOfStreamError(ConnectionClosedError):

@@ -14,13 +14,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 
+from petalnode._timeouts import DEFAULT_TIMEOUTS, Timeouts, timeout_scope
 from petalnode.errors import (
     ClosedResourceError,
     ConnectionClosedError,
     ConnectTimeoutError,
     HandshakeError,
+    HandshakeTimeoutError,
     LocalProtocolError,
     PeerIdMismatchError,
     PetalnodeError,
@@ -35,7 +38,12 @@ from petalnode.transport._mux import MuxConnection
 log = logging.getLogger(__name__)
 
 SCHEME = "tcp"
-HANDSHAKE_TIMEOUT_S = CONNECT_TIMEOUT_S
+HANDSHAKE_TIMEOUT_S = DEFAULT_TIMEOUTS.handshake  # Timeouts.handshake
+
+
+def _no_limit(seconds: float | None) -> float:
+    # ConnectionConfig takes a number; a None timeout (no limit) is an infinite one.
+    return math.inf if seconds is None else seconds
 # asyncio's default 64 KiB reader limit makes many small reads for 240 KiB records.
 _READER_LIMIT_BYTES = 1024 * 1024
 _CLOSE_TIMEOUT_S = 1.0
@@ -161,11 +169,17 @@ class TcpTransport:
         identity: Identity,
         *,
         config: ConnectionConfig | None = None,
-        handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+        handshake_timeout_s: float | None = None,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
     ) -> None:
+        """Args (beyond the obvious):
+            config: multiplexing limits; None: the defaults with `timeouts.keepalive`.
+            handshake_timeout_s: overrides `timeouts.handshake` (accepted connections; a dial is bounded by
+                its connect timeout).
+        """
         self._identity = identity
-        self.config = config or ConnectionConfig()
-        self._handshake_timeout_s = handshake_timeout_s
+        self.config = config or ConnectionConfig(keepalive_timeout_s=_no_limit(timeouts.keepalive))
+        self._handshake_timeout_s = handshake_timeout_s if handshake_timeout_s is not None else timeouts.handshake
         self._max_frame = self.config.chunk_bytes + HEADER_BYTES
         self._listeners: list[TcpListener] = []
         self._connections: set[MuxConnection] = set()
@@ -219,11 +233,11 @@ class TcpTransport:
     ) -> None:
         peer = writer.get_extra_info("peername")
         try:
-            async with asyncio.timeout(self._handshake_timeout_s):
+            async with timeout_scope(self._handshake_timeout_s, HandshakeTimeoutError, "TCP handshake timed out"):
                 channel, remote_id = await _handshake(
                     reader, writer, self._identity, hs.Role.RESPONDER, self._max_frame
                 )
-        except TimeoutError:
+        except HandshakeTimeoutError:
             log.warning("TCP handshake from %s timed out after %s s", peer, self._handshake_timeout_s)
             await _close_writer(writer)
             return

@@ -25,6 +25,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -32,12 +33,14 @@ from urllib.parse import unquote
 
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
+from petalnode._timeouts import DEFAULT_TIMEOUTS, Timeouts
 from petalnode.errors import (
     ClosedResourceError,
     ConfigError,
     ConnectionClosedError,
     ConnectTimeoutError,
     HandshakeError,
+    HandshakeTimeoutError,
     InvalidStateError,
     LocalProtocolError,
     PeerIdMismatchError,
@@ -64,9 +67,9 @@ HIGH_WATER_BYTES = 1024 * 1024
 LOW_WATER_BYTES = 256 * 1024
 # Our own dead-peer bound (aiortc's is ~33 s): the mux pings every 2 s and drops a peer silent for 8 s.
 KEEPALIVE_INTERVAL_S = 2.0
-KEEPALIVE_TIMEOUT_S = 8.0
+KEEPALIVE_TIMEOUT_S = DEFAULT_TIMEOUTS.webrtc_keepalive  # Timeouts.webrtc_keepalive
 # An answered offer must become an open channel this quickly (the dialler's bound is its connect timeout).
-HANDSHAKE_TIMEOUT_S = 10.0
+HANDSHAKE_TIMEOUT_S = DEFAULT_TIMEOUTS.webrtc_handshake  # Timeouts.webrtc_handshake
 # Offers being answered at once; more are refused (an offer costs sockets and a DTLS key).
 MAX_PENDING_ACCEPTS = 16
 # Share of the connect timeout given to the direct (ICE) attempt before falling back to the relay. Direct
@@ -265,7 +268,8 @@ class WebRTCTransport:
         signaler: Signaler | None = None,
         ice_servers: Sequence[IceServer | str] = (),
         config: ConnectionConfig | None = None,
-        handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+        handshake_timeout_s: float | None = None,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
         relay_fallback: bool = True,
         direct: bool = True,
     ) -> None:
@@ -274,13 +278,17 @@ class WebRTCTransport:
         self.direct = direct
         self.signaler = signaler
         self.ice_servers: list[IceServer] = [s if isinstance(s, IceServer) else IceServer.parse(s) for s in ice_servers]
+        # `timeouts.webrtc_keepalive` / `webrtc_handshake`, not the TCP fields: see `Timeouts`.
         self.config = config or ConnectionConfig(
-            keepalive_interval_s=KEEPALIVE_INTERVAL_S, keepalive_timeout_s=KEEPALIVE_TIMEOUT_S
+            keepalive_interval_s=KEEPALIVE_INTERVAL_S,
+            keepalive_timeout_s=math.inf if timeouts.webrtc_keepalive is None else timeouts.webrtc_keepalive,
         )
         self._max_frame = self.config.chunk_bytes + HEADER_BYTES
         if self._max_frame > MAX_MESSAGE_BYTES:
             raise ConfigError(f"chunk_bytes={self.config.chunk_bytes} gives frames over WebRTC's 256 KiB limit")
-        self._handshake_timeout_s = handshake_timeout_s
+        self._handshake_timeout_s = (
+            handshake_timeout_s if handshake_timeout_s is not None else timeouts.webrtc_handshake
+        )
         self._handler: ConnectionHandler | None = None
         self._relay: PeerAddress | None = None
         self._connections: set[MuxConnection] = set()
@@ -367,7 +375,7 @@ class WebRTCTransport:
             self._pending.discard(pc)
             await _close_pc(pc)
             if isinstance(e, TimeoutError):
-                raise ConnectTimeoutError(f"answering an offer took over {self._handshake_timeout_s} s") from None
+                raise HandshakeTimeoutError(f"answering an offer took over {self._handshake_timeout_s} s") from None
             raise
         task = asyncio.create_task(self._finish_accept(pc, channel_future, remote_id, handler),
                                    name=f"webrtc-accept {remote_id}")
@@ -475,7 +483,7 @@ class WebRTCTransport:
                 frames, remote_id = await secure_relayed(stream, self._identity, initiator=False,
                                                          max_frame=self._max_frame, via=via)
         except TimeoutError:
-            raise ConnectTimeoutError(f"relayed handshake took over {self._handshake_timeout_s} s") from None
+            raise HandshakeTimeoutError(f"relayed handshake took over {self._handshake_timeout_s} s") from None
         connection = self._adopt(frames, initiator=False, remote_id=remote_id, remote_address=None)
         log.info("relayed connection from %s via %s", remote_id, via)
         try:

@@ -73,7 +73,13 @@ BLOCKS = (2, 5)
     ("error", "phase", "verdict"),
     [
         (ConnectionClosedError("gone"), Phase.STEP, Verdict.SERVER_FAULT),
-        (TimeoutError(), Phase.OPEN, Verdict.SERVER_FAULT),
+        (errors.OpenTimeoutError("slow open"), Phase.OPEN, Verdict.SERVER_FAULT),
+        (errors.StepTimeoutError("slow step"), Phase.STEP, Verdict.SERVER_FAULT),
+        (errors.ConnectTimeoutError("slow dial"), Phase.OPEN, Verdict.SERVER_FAULT),
+        (errors.HandshakeTimeoutError("slow handshake"), Phase.FORWARD, Verdict.SERVER_FAULT),
+        # Every phase timeout is a petalnode error now: a builtin one reaching the policy is our bug.
+        (TimeoutError(), Phase.OPEN, Verdict.CLIENT),
+        (errors.ClientTimeoutError("facade"), Phase.STEP, Verdict.CLIENT),
         (RPCTimeoutError("slow"), Phase.FORWARD, Verdict.SERVER_FAULT),
         (RemoteProtocolError("non-finite"), Phase.STEP, Verdict.SERVER_FAULT),
         (CodecError("garbage reply"), Phase.BACKWARD, Verdict.SERVER_FAULT),
@@ -103,8 +109,7 @@ def test_classify(error: BaseException, phase: Phase, verdict: Verdict) -> None:
 def test_classify_is_total_and_only_server_side_errors_are_hop_failures(cls: type, phase: Phase) -> None:
     verdict = classify(_make(cls), phase=phase)
     assert isinstance(verdict, Verdict)
-    server_side = (errors.TransportError, errors.RemoteError, errors.RemoteProtocolError, errors.CodecError,
-                   TimeoutError)
+    server_side = (errors.TransportError, errors.RemoteError, errors.RemoteProtocolError, errors.CodecError)
     assert (verdict is not Verdict.CLIENT) == issubclass(cls, server_side)
 
 
@@ -149,8 +154,9 @@ def test_no_second_opinion_after_a_refusal_is_a_bad_request_otherwise_the_route_
     assert isinstance(error, BadRequestError) and "no other server can check it" in str(error)
 
 
-failures = st.sampled_from([ConnectionClosedError("x"), TimeoutError(), BusyError("x"), InternalError("x"),
-                            RemoteProtocolError("x"), BadRequestError("x"), OutOfCacheMemoryError("x")])
+failures = st.sampled_from([ConnectionClosedError("x"), errors.StepTimeoutError("x"), BusyError("x"),
+                            InternalError("x"), RemoteProtocolError("x"), BadRequestError("x"),
+                            OutOfCacheMemoryError("x")])
 
 
 @settings(max_examples=300)
@@ -182,12 +188,14 @@ def test_failover_always_terminates_in_one_error_type_and_never_bans_a_refuser(
 def test_the_default_cap() -> None:
     attempts = Attempts()
     for _ in range(MAX_FAILOVERS):
-        action = next_action(attempts, TimeoutError(), phase=Phase.OPEN, peer=pid(1), blocks=BLOCKS, what="x")
+        action = next_action(attempts, errors.OpenTimeoutError("x"), phase=Phase.OPEN, peer=pid(1), blocks=BLOCKS,
+                             what="x")
         assert isinstance(action, Reroute)
         attempts = action.attempts
-    last = next_action(attempts, TimeoutError(), phase=Phase.OPEN, peer=pid(1), blocks=BLOCKS, what="opening")
+    last = next_action(attempts, errors.OpenTimeoutError("x"), phase=Phase.OPEN, peer=pid(1), blocks=BLOCKS,
+                       what="opening")
     assert isinstance(last, GiveUp) and isinstance(last.error, NoRouteError) and last.ban == pid(1)
-    assert f"opening failed {MAX_FAILOVERS + 1} times; last error: TimeoutError" in str(last.error)
+    assert f"opening failed {MAX_FAILOVERS + 1} times; last error: OpenTimeoutError" in str(last.error)
 
 
 def test_view_freshness() -> None:

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from petalnode import Timeouts
 from petalnode.errors import BadRequestError, NoRouteError, ShapeError
 from petalnode.identity import Identity, PeerId
 from petalnode.node import Node, ServeOptions, SwarmClient, SwarmSession
+from petalnode.node._backend import InlineExecutor
 from petalnode.transport import LinkConfig, MemoryNetwork
 from simulations._standin import (
     StandInBackend,
@@ -51,10 +53,28 @@ class _LyingSpan(StandInSpan):
         return super().forward_span(hidden, cache, position_ids, prompts)
 
 
+class _StallingExecutor(InlineExecutor):
+    """Inline compute that hangs (in virtual time) while `stalled()`: a server that accepts a step and never
+    answers it."""
+
+    def __init__(self, stalled: Callable[[], bool]) -> None:
+        self._stalled = stalled
+
+    async def run(self, fn, *, priority=0):  # type: ignore[no-untyped-def]
+        if self._stalled():
+            await asyncio.sleep(3600)
+        return fn()
+
+
 class _LyingBackend(StandInBackend):
-    def __init__(self, info: StandInModelInfo, *, throughput: float, lying: Callable[[], bool]) -> None:
+    def __init__(self, info: StandInModelInfo, *, throughput: float, lying: Callable[[], bool],
+                 stalled: Callable[[], bool] = lambda: False) -> None:
         super().__init__(info, throughput=throughput)
         self._lying = lying
+        self._stalled = stalled
+
+    def executor(self) -> _StallingExecutor:
+        return _StallingExecutor(self._stalled)
 
     def load_span(self, info, start, end, *, dtype, device, progress):  # type: ignore[no-untyped-def]
         super().load_span(info, start, end, dtype=dtype, device=device, progress=progress)
@@ -66,6 +86,7 @@ class Swarm:
     client: SwarmClient
     servers: dict[str, Node]
     lying: set[str]
+    stalled: set[str]
 
     def name_of(self, peer_id: PeerId) -> str:
         return next(name for name, node in self.servers.items() if node.identity.peer_id == peer_id)
@@ -75,12 +96,13 @@ class Swarm:
 
 
 @asynccontextmanager
-async def swarm(names: list[str]) -> AsyncIterator[Swarm]:
+async def swarm(names: list[str], timeouts: Timeouts | None = None) -> AsyncIterator[Swarm]:
     """A bootstrap, one server per name hosting every block (the fastest first), and a client."""
     loop = asyncio.get_running_loop()
     network = MemoryNetwork(LinkConfig(latency_s=0.01))
     info = StandInModelInfo(MODEL, NUM_BLOCKS, hidden_size=HIDDEN)
     lying: set[str] = set()
+    stalled: set[str] = set()
 
     def node(name: str, serve: bool, bootstrap: list, throughput: float = 0.0) -> Node:  # type: ignore[type-arg]
         identity = Identity.from_seed(name.encode())
@@ -88,7 +110,8 @@ async def swarm(names: list[str]) -> AsyncIterator[Swarm]:
         return Node(identity, listen_host=name, listen_port=7000, bootstrap=bootstrap, serve=options,
                     transport=network.transport(identity, name), endpoint_factory=network.create_datagram_endpoint,
                     wall_clock=loop.wall_clock,
-                    compute=_LyingBackend(info, throughput=throughput, lying=lambda: name in lying))
+                    compute=_LyingBackend(info, throughput=throughput, lying=lambda: name in lying,
+                                          stalled=lambda: name in stalled))
 
     boot = node("boot", False, [])
     await boot.start()
@@ -100,11 +123,11 @@ async def swarm(names: list[str]) -> AsyncIterator[Swarm]:
     client = SwarmClient(MODEL, NUM_BLOCKS, [boot.address], identity=identity, seed=1, listen_host="client",
                          transport=network.transport(identity, "client"),
                          endpoint_factory=network.create_datagram_endpoint, wall_clock=loop.wall_clock,
-                         step_timeout_s=5.0, wait_for_blocks_s=5.0)
+                         timeouts=timeouts or Timeouts(step=5.0, wait_for_blocks=5.0))
     await client.start()
     try:
         async with asyncio.timeout(600):
-            yield Swarm(client, servers, lying)
+            yield Swarm(client, servers, lying, stalled)
     finally:
         await client.aclose()
         for n in [*servers.values(), boot]:
@@ -205,3 +228,27 @@ def test_servers_that_all_left_end_in_no_route_error() -> None:
             assert s.banned() == {"a", "b"}  # each failed when tried: a at the step, b when reopening
 
     run(scenario())
+
+
+def test_a_short_step_timeout_reaches_the_stream_and_a_stalled_server_is_failed_over(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        async with swarm(["stuck", "fine"], Timeouts(step=0.5, wait_for_blocks=5.0)) as s:
+            assert s.client.timeouts.step == 0.5
+            session = await s.client.open_session(len(PROMPT) + 4)
+            assert s.name_of(session.hops[0].peer_id) == "stuck"
+            tokens = await generate(session, 1)
+            s.stalled.add("stuck")
+            started = loop.time()
+            out = await session.step(prompt_hidden(tokens[-1:], HIDDEN))
+            # The stalled server cost the 0.5 s step timeout (not the 60 s default), then the other one answered.
+            assert 0.5 <= loop.time() - started < 3.0
+            tokens.append(next_token(out[:, -1]))
+            assert tokens == reference_generation(NUM_BLOCKS, HIDDEN, PROMPT, 2)
+            assert s.banned() == {"stuck"} and session.reroutes == 1
+
+    with caplog.at_level("WARNING", logger="petalnode.node._swarm_client"):
+        run(scenario())
+    assert "StepTimeoutError" in caplog.text
