@@ -31,9 +31,10 @@ class Timeouts:
     """Per-phase timeouts in seconds; None means no limit. Derive variants with `replace(...)`.
 
     The WebRTC handshake and keepalive are separate fields, not a per-transport default hidden in the
-    transport: aiortc notices a dead peer only after about 33 s (measured with aiortc 1.16 here), so WebRTC needs
-    a much shorter keepalive than TCP (whose FIN/RST arrive promptly), and its offer/answer exchange through a relay takes
-    longer than a TCP handshake. A user tuning one transport must not change the other by accident.
+    transport: aiortc notices a dead peer only after about 33 s (measured with aiortc 1.16 here), so WebRTC
+    needs a much shorter keepalive than TCP (whose FIN/RST arrive promptly), and its offer/answer exchange
+    through a relay takes longer than a TCP handshake. A user tuning one transport must not change the other
+    by accident.
     """
 
     connect: float | None = 5.0
