@@ -86,6 +86,14 @@ class TaskOwner:
         task.add_done_callback(self._done)
         return task
 
+    def adopt(self, task: asyncio.Task[Any]) -> None:
+        """Own a task created elsewhere (e.g. by asyncio.start_server); after aclose() it is cancelled at once."""
+        if self._closed:
+            task.cancel()
+            return
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if task.cancelled():
@@ -98,9 +106,11 @@ class TaskOwner:
         """Cancel and await every owned task. Idempotent; re-raises a cancellation of the caller at the end."""
         self._closed = True
         cancelled = False
-        # A task may spawn another while it is being cancelled: loop until none is left.
-        while self._tasks:
-            tasks = list(self._tasks)
+        current = asyncio.current_task()
+        # A task may spawn another while it is being cancelled: loop until none is left. An owned task that
+        # closes its own owner is not awaited by itself (it would wait forever); it ends when it returns.
+        # Done tasks may still be in the set until their done callback runs: skip them, or this would spin.
+        while tasks := [t for t in self._tasks if t is not current and not t.done()]:
             for task in tasks:
                 task.cancel()
             cancelled |= await wait_uncancellable(tasks)
