@@ -18,12 +18,13 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 from kademlia.network import Server
 from kademlia.node import Node
 
+from petalnode._lifecycle import TaskOwner, set_state
 from petalnode._timeouts import DEFAULT_TIMEOUTS, Timeouts, timeout_scope
 from petalnode.dht._crawling import FastNodeSpiderCrawl, RecordSpiderCrawl
 from petalnode.dht._protocol import HardenedProtocol
@@ -89,13 +90,12 @@ class _KademliaServer(Server):
 class RefreshHandle:
     """A running periodic re-announcement; `cancel()` stops it (the records then expire on their own)."""
 
-    def __init__(self, task: asyncio.Task[None], owner: set[asyncio.Task[None]]) -> None:
+    def __init__(self, task: asyncio.Task[None]) -> None:
         self._task = task
-        self._owner = owner
 
     def cancel(self) -> None:
+        # The owner (DHTNode._tasks) forgets the task once it is done; aclose awaits it if still cancelling.
         self._task.cancel()
-        self._owner.discard(self._task)
 
     @property
     def done(self) -> bool:
@@ -149,7 +149,7 @@ class DHTNode:
         )
         self._state = NodeState.NEW
         self._seq = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskOwner("dht")
         self._port: int | None = None
         self._limit = asyncio.Semaphore(MAX_CONCURRENT_LOOKUPS)
 
@@ -157,6 +157,9 @@ class DHTNode:
     @property
     def state(self) -> NodeState:
         return self._state
+
+    def _set_state(self, new: NodeState) -> None:
+        self._state = set_state(log, f"DHT node {self.identity.peer_id}", self._state, new)
 
     @property
     def peer_id(self) -> PeerId:
@@ -186,13 +189,13 @@ class DHTNode:
             raise ClosedResourceError("DHT node is closed")
         if self._state is not NodeState.NEW:
             raise InvalidStateError(f'cannot start a DHT node in state "{self._state.value}"')
-        self._state = NodeState.RUNNING
+        self._set_state(NodeState.RUNNING)
         try:
             factory = self._endpoint_factory or asyncio.get_running_loop().create_datagram_endpoint
             await self._server.listen_on(factory, listen)
             sockname = self._server.transport.get_extra_info("sockname")
             self._port = int(sockname[1]) if sockname else int(listen[1])
-            self._spawn(self._maintain())
+            self._spawn(self._maintain(), name="maintain")
             if bootstrap:
                 await self.bootstrap(bootstrap)
         except BaseException:
@@ -227,19 +230,18 @@ class DHTNode:
             return (str(infos[0][4][0]), int(port))
 
     async def aclose(self) -> None:
-        """Stop serving and cancel every owned task. Idempotent."""
+        """Stop serving and cancel every owned task. Idempotent; releases the socket even when cancelled."""
         if self._state is NodeState.CLOSED:
             return
-        self._state = NodeState.CLOSED
-        tasks = list(self._tasks)
-        self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        with contextlib.suppress(BaseException):
-            await asyncio.gather(*tasks, return_exceptions=True)
-        if self._server.protocol is not None:
-            await self._server.protocol.aclose()
-        self._server.stop()
+        self._set_state(NodeState.CLOSED)
+        try:
+            await self._tasks.aclose()
+        finally:
+            try:
+                if self._server.protocol is not None:
+                    await self._server.protocol.aclose()
+            finally:
+                self._server.stop()
 
     async def __aenter__(self) -> DHTNode:
         if self._state is NodeState.NEW:
@@ -255,11 +257,8 @@ class DHTNode:
         if self._state is not NodeState.RUNNING:
             raise InvalidStateError(f'DHT node must be started, state is "{self._state.value}"')
 
-    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> asyncio.Task[None]:
+        return self._tasks.spawn(coro, name=name)
 
     async def _maintain(self) -> None:
         loop = asyncio.get_running_loop()
@@ -395,4 +394,4 @@ class DHTNode:
                     log.warning("DHT refresh of %d keys failed: %s", len(key_list), e)
                 await asyncio.sleep(period)
 
-        return RefreshHandle(self._spawn(refresh()), self._tasks)
+        return RefreshHandle(self._spawn(refresh(), name="refresh"))

@@ -9,6 +9,9 @@ Start sequence of a server (each step logged):
   and re-check the choice (servers that start together spread out) -> load only those blocks -> measure
   throughput (cached) -> announce ONLINE and refresh every ttl/2 -> serve.
 `aclose()` announces OFFLINE (bounded in time), stops serving, and releases everything; it is idempotent.
+Release order is the reverse of the start order (one `CleanupStack` filled as components come up): background
+tasks -> sessions -> executor -> DHT -> signaling -> RPC (and its listeners) -> transport. A component that fails
+to close does not stop the others; a cancelled `aclose()` still releases everything, then re-raises.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from petalnode import __version__
+from petalnode._lifecycle import CleanupStack, TaskOwner, set_state, wait_uncancellable
 from petalnode._timeouts import DEFAULT_TIMEOUTS, Timeouts, timeout_scope
 from petalnode.compute import DEFAULT_CACHE_TOKENS_PER_BLOCK, ServePlan, plan_serving
 from petalnode.dht import MAX_ADAPTERS, Announcement, DHTNode, ServerState, block_keys
@@ -157,7 +161,11 @@ class Node:
         self._sessions: SessionManager | None = None
         self._server: BlockServer | None = None
         self._refresh = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskOwner("node")
+        # Filled in start order, closed in reverse by aclose (see the module docstring).
+        self._cleanup = CleanupStack(f"node {self.identity.peer_id}")
+        self._start_task: asyncio.Task[Any] | None = None
+        self._closed_during_start = False
         self._address: PeerAddress | None = None
         self.model_info: ModelInfo | None = None
         self.hosted: HostedSpan | None = None
@@ -171,6 +179,9 @@ class Node:
     @property
     def state(self) -> NodeState:
         return self._state
+
+    def _set_state(self, new: NodeState) -> None:
+        self._state = set_state(log, f"node {self.identity.peer_id}", self._state, new)
 
     @property
     def address(self) -> PeerAddress:
@@ -204,28 +215,44 @@ class Node:
 
         Raises:
             DHTError: no bootstrap peer answered. ConfigError / OutOfCacheMemoryError: bad serve options.
+            ClosedResourceError: the node is closed, or `aclose()` ran while it was starting.
+            InvalidStateError: already started.
         """
         if self._state is NodeState.CLOSED:
             raise ClosedResourceError("node is closed")
         if self._state is not NodeState.NEW:
             raise InvalidStateError(f'cannot start a node in state "{self._state.value}"')
-        self._state = NodeState.STARTING
+        self._set_state(NodeState.STARTING)
+        task = self._start_task = asyncio.current_task()
         try:
             await self._listen()
             if self.serve_options is not None:
                 await self._start_serving(self.serve_options)
-            self._state = NodeState.RUNNING
-        except BaseException:
-            await self.aclose()
+        except BaseException as e:
+            self._start_task = None
+            if self._closed_during_start:
+                # aclose() cancelled us and releases everything itself; a cancellation from elsewhere still wins.
+                if isinstance(e, asyncio.CancelledError) and task is not None and task.uncancel() == 0:
+                    raise ClosedResourceError("node was closed while starting") from None
+                raise
+            # The start error is the one to see: cleanup errors are logged, not raised over it.
+            await self._aclose(raise_errors=False)
             raise
+        self._start_task = None
+        if self._state is not NodeState.STARTING:
+            raise ClosedResourceError("node was closed while starting")
+        self._set_state(NodeState.RUNNING)
 
     async def _listen(self) -> None:
         default = (self._signaling.transport() if self._signaling is not None
                    else TcpTransport(self.identity, timeouts=self.timeouts))
         self._transport = self._given_transport or default
+        self._cleanup.push("transport", self._transport.aclose)
         self._rpc = RPC(self._transport, timeouts=self.timeouts)
+        self._cleanup.push("rpc", self._rpc.aclose)
         if self._signaling is not None:
             self._signaling.attach(self._rpc)
+            self._cleanup.push("signaling", self._signaling.aclose)
         bootstrap = [(a.host, a.port) for a in self.bootstrap_addresses]
         last_error: Exception | None = None
         for _ in range(_PORT_ATTEMPTS if self.listen_port == 0 else 1):
@@ -240,6 +267,7 @@ class Node:
                 await listener.aclose()
                 continue
             self._dht = dht
+            self._cleanup.push("dht", dht.aclose)
             break
         else:
             raise ConfigError(f"could not listen on UDP and TCP port {self.listen_port} of {self.listen_host}: "
@@ -292,8 +320,12 @@ class Node:
                 await self.dht.store_many(sorted(set(old_keys) | set(_keys(model, start, end))),
                                           announce(ServerState.JOINING, start, end, 0.0, 0))
         self._executor = compute.executor()
+        self._cleanup.push("executor", self._executor.close)
         self._rng = rng
         self._serve_state = _ServeState(info=info, device=device, dtype=dtype, plan=plan)
+        # Sessions are replaced by a move: close whichever manager is current at aclose.
+        self._cleanup.push("sessions", lambda: self._sessions.close_all() if self._sessions is not None else None)
+        self._cleanup.push("tasks", self._tasks.aclose)
         hosted, sessions = await self._load(start, end)
         self.hosted, self._sessions = hosted, sessions
         from petalnode.node._block_server import BlockServer
@@ -302,9 +334,9 @@ class Node:
                                    first_message_timeout_s=self.timeouts.first_message)
         self._server.register(self.rpc)
         await self._announce_online(hosted, sessions)
-        self._spawn(self._sweep_idle_sessions())
+        self._tasks.spawn(self._sweep_idle_sessions(), name="sweep-idle-sessions")
         if options.rebalance_period_s and options.blocks is None:
-            self._spawn(self._rebalance_loop(options.rebalance_period_s))
+            self._tasks.spawn(self._rebalance_loop(options.rebalance_period_s), name="rebalance")
         log.info("serving blocks %d:%d of %s at %s (%.1f steps/s per block, cache for %d tokens)",
                  start, end, model, self.address, hosted.throughput, sessions.free_tokens)
 
@@ -398,12 +430,13 @@ class Node:
             await self.dht.store_many(left, announce(ServerState.ONLINE, start, end, hosted.throughput,
                                                      sessions.free_tokens, hosted.adapters))
         # Old sessions are handed back at their next step; any still idle expire with the old manager.
-        self._spawn(self._retire(old_sessions))
+        self._tasks.spawn(self._retire(old_sessions), name="retire-sessions")
 
     async def _retire(self, sessions: SessionManager) -> None:
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await asyncio.sleep(sessions.idle_timeout_s)
-        sessions.close_all()
+        finally:  # also when aclose cancels us (the cancellation propagates)
+            sessions.close_all()
 
     async def _choose_window(
         self, info: ModelInfo, options: ServeOptions, count: int, rng: random.Random
@@ -434,53 +467,68 @@ class Node:
                 for session_id in self._sessions.expire_idle():
                     log.info("closed idle session %s", session_id)
 
-    def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def aclose(self) -> None:
-        """Announce OFFLINE, stop serving and release everything. Safe to call more than once."""
+        """Announce OFFLINE, stop serving and release everything. Safe to call more than once.
+
+        Every component is closed even if another fails to close or the caller is cancelled meanwhile.
+
+        Raises:
+            CancelledError: the caller was cancelled (after everything was released).
+            Exception: the first component that failed to close (the others were still closed, their errors
+                logged), so a broken component is not silent.
+        """
+        await self._aclose(raise_errors=True)
+
+    async def _aclose(self, *, raise_errors: bool) -> None:
         if self._state is NodeState.CLOSED:
             return
-        self._state = NodeState.CLOSED
+        self._set_state(NodeState.CLOSED)
+        error: BaseException | None = None
+        cancelled = False
         try:
-            if self._refresh is not None:
-                self._refresh.cancel()
-            if self._server is not None:
-                self._server.start_draining()
-            announced = ((self.hosted.model, self.hosted.start, self.hosted.end, self.hosted.throughput)
-                         if self.hosted is not None else
-                         (*self._joining, 0.0) if self._joining is not None else None)
-            if announced is not None and self._dht is not None:
-                # Also when loading failed after JOINING was stored: otherwise that record lingers for a TTL.
-                model, start, end, throughput = announced
-                offline = self._announcement_factory(model)(ServerState.OFFLINE, start, end, throughput, 0)
-                with contextlib.suppress(Exception):
-                    async with timeout_scope(self.timeouts.offline_announce, DHTTimeoutError,
-                                             "announcing OFFLINE timed out"):
-                        await self._dht.store_many(_keys(model, start, end), offline)
-            if self._server is not None and self.serve_options is not None:
-                # Finish the steps being computed (their replies go out); later steps are handed back.
-                await self._server.wait_idle(self.serve_options.drain_timeout_s)
-        finally:
-            for task in list(self._tasks):
-                task.cancel()
-            for task in list(self._tasks):
-                with contextlib.suppress(BaseException):
-                    await task
-            if self._sessions is not None:
-                self._sessions.close_all()
-            if self._signaling is not None:
-                await self._signaling.aclose()
-            if self._rpc is not None:
-                await self._rpc.aclose()
-            if self._transport is not None:
-                await self._transport.aclose()
-            if self._dht is not None:
-                await self._dht.aclose()
-            if self._executor is not None:
-                self._executor.close()
+            start_task = self._start_task
+            if start_task is not None and start_task is not asyncio.current_task() and not start_task.done():
+                # Closing during start: stop the start first, so it creates nothing after the cleanup ran.
+                self._closed_during_start = True
+                start_task.cancel()
+                cancelled = await wait_uncancellable([start_task])
+            await self._leave()
+        except BaseException as e:
+            error = e
+        try:
+            # An error already propagating (leaving failed, or start failed) must not be hidden by cleanup errors.
+            await self._cleanup.aclose(raise_errors=raise_errors and error is None)
+        except asyncio.CancelledError:
+            cancelled = True
+        except BaseException as e:
+            error = error or e
+        if cancelled and not isinstance(error, asyncio.CancelledError):
+            if error is not None:
+                log.error("node %s: error while closing", self.identity.peer_id, exc_info=error)
+            raise asyncio.CancelledError
+        if error is not None:
+            raise error
+
+    async def _leave(self) -> None:
+        """Stop refreshing, announce OFFLINE (bounded in time) and let in-flight steps finish."""
+        if self._refresh is not None:
+            self._refresh.cancel()
+        if self._server is not None:
+            self._server.start_draining()
+        announced = ((self.hosted.model, self.hosted.start, self.hosted.end, self.hosted.throughput)
+                     if self.hosted is not None else
+                     (*self._joining, 0.0) if self._joining is not None else None)
+        if announced is not None and self._dht is not None:
+            # Also when loading failed after JOINING was stored: otherwise that record lingers for a TTL.
+            model, start, end, throughput = announced
+            offline = self._announcement_factory(model)(ServerState.OFFLINE, start, end, throughput, 0)
+            with contextlib.suppress(Exception):
+                async with timeout_scope(self.timeouts.offline_announce, DHTTimeoutError,
+                                         "announcing OFFLINE timed out"):
+                    await self._dht.store_many(_keys(model, start, end), offline)
+        if self._server is not None and self.serve_options is not None:
+            # Finish the steps being computed (their replies go out); later steps are handed back.
+            await self._server.wait_idle(self.serve_options.drain_timeout_s)
 
 
 def _keys(model: str, start: int, end: int) -> list[str]:

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from petalnode._lifecycle import CleanupStack, set_state, wait_uncancellable
 from petalnode._timeouts import DEFAULT_TIMEOUTS, Timeouts, timeout_scope
 from petalnode.codecs import TensorCodec
 from petalnode.dht import DHTNode
@@ -268,6 +269,13 @@ class SwarmSession:
                 await hop.stream.aclose()
 
 
+class ClientState(enum.Enum):
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
 class SwarmClient:
     """Talks to the servers of one model. Use `async with SwarmClient(...)` or `start()` / `aclose()`."""
 
@@ -317,7 +325,21 @@ class SwarmClient:
         self._dht: DHTNode | None = None
         self._view: SwarmView | None = None
         self._view_at = 0.0
-        self._closed = False
+        self._state = ClientState.NEW
+        self._cleanup = CleanupStack("swarm client")  # filled in start order, closed in reverse
+        self._start_task: asyncio.Task[Any] | None = None
+        self._closed_during_start = False
+
+    @property
+    def state(self) -> ClientState:
+        return self._state
+
+    @property
+    def _closed(self) -> bool:
+        return self._state is ClientState.CLOSED
+
+    def _set_state(self, new: ClientState) -> None:
+        self._state = set_state(log, "swarm client", self._state, new)
 
     async def __aenter__(self) -> SwarmClient:
         await self.start()
@@ -327,34 +349,74 @@ class SwarmClient:
         await self.aclose()
 
     async def start(self) -> None:
+        """Open the transport, RPC and a client-mode DHT node, and join through the bootstrap peers.
+
+        Raises:
+            DHTError: no bootstrap peer answered. InvalidStateError: already started.
+            ClosedResourceError: closed before or while starting.
+        """
+        if self._state is ClientState.CLOSED:
+            raise ClosedResourceError("the swarm client is closed")
+        if self._state is not ClientState.NEW:
+            raise InvalidStateError(f'cannot start a swarm client in state "{self._state.value}"')
+        self._set_state(ClientState.STARTING)
+        task = self._start_task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         self.bans = BanList(loop.time)
-        self._transport = self._given_transport or TcpTransport(self.identity, timeouts=self.timeouts)
-        # Unary calls (forward/backward passes, info) get the step timeout: they are one pass through a span.
-        self._rpc = RPC(self._transport, timeouts=self.timeouts, call_timeout_s=self.timeouts.step)
-        self._dht = DHTNode(self.identity, client_mode=True, endpoint_factory=self._endpoint_factory,
-                            wall_clock=self._wall_clock, **{"timeouts": self.timeouts, **self._dht_options})
         try:
+            self._transport = self._given_transport or TcpTransport(self.identity, timeouts=self.timeouts)
+            self._cleanup.push("transport", self._transport.aclose)
+            # Unary calls (forward/backward passes, info) get the step timeout: they are one pass through a span.
+            self._rpc = RPC(self._transport, timeouts=self.timeouts, call_timeout_s=self.timeouts.step)
+            self._cleanup.push("rpc", self._rpc.aclose)
+            self._dht = DHTNode(self.identity, client_mode=True, endpoint_factory=self._endpoint_factory,
+                                wall_clock=self._wall_clock, **{"timeouts": self.timeouts, **self._dht_options})
+            self._cleanup.push("dht", self._dht.aclose)
             await self._dht.start(listen=(self._listen_host, 0),
                                   bootstrap=[(a.host, a.port) for a in self.bootstrap])
-        except DHTError as e:
-            names = ", ".join(str(a) for a in self.bootstrap)
-            await self.aclose()
-            raise DHTError(
-                f"no peers reachable at the bootstrap address ({names}): {e}. Check that `petalnode bootstrap` "
-                "or a server is running there and that the address is right."
-            ) from e
+        except BaseException as e:
+            self._start_task = None
+            if self._closed_during_start:
+                if isinstance(e, asyncio.CancelledError) and task is not None and task.uncancel() == 0:
+                    raise ClosedResourceError("the swarm client was closed while starting") from None
+                raise
+            await self._aclose(raise_errors=False)  # the start error is the one to see
+            if isinstance(e, DHTError):
+                names = ", ".join(str(a) for a in self.bootstrap)
+                raise DHTError(
+                    f"no peers reachable at the bootstrap address ({names}): {e}. Check that `petalnode bootstrap` "
+                    "or a server is running there and that the address is right."
+                ) from e
+            raise
+        self._start_task = None
+        if self._state is not ClientState.STARTING:
+            raise ClosedResourceError("the swarm client was closed while starting")
+        self._set_state(ClientState.RUNNING)
 
     async def aclose(self) -> None:
-        if self._closed:
+        """Release the DHT node, RPC and transport (reverse start order). Idempotent.
+
+        Raises:
+            CancelledError: the caller was cancelled (after everything was released).
+            Exception: the first component that failed to close (the others were still closed).
+        """
+        await self._aclose(raise_errors=True)
+
+    async def _aclose(self, *, raise_errors: bool) -> None:
+        if self._state is ClientState.CLOSED:
             return
-        self._closed = True
-        if self._rpc is not None:
-            await self._rpc.aclose()
-        if self._transport is not None:
-            await self._transport.aclose()
-        if self._dht is not None:
-            await self._dht.aclose()
+        self._set_state(ClientState.CLOSED)
+        cancelled = False
+        start_task = self._start_task
+        if start_task is not None and start_task is not asyncio.current_task() and not start_task.done():
+            self._closed_during_start = True  # stop the start first, so it creates nothing after the cleanup
+            start_task.cancel()
+            cancelled = await wait_uncancellable([start_task])
+        try:
+            await self._cleanup.aclose(raise_errors=raise_errors)
+        finally:
+            if cancelled:
+                raise asyncio.CancelledError
 
     # -- public ---------------------------------------------------------------------------------------------
     async def open_session(

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from petalnode._lifecycle import TaskOwner
 from petalnode._timeouts import DEFAULT_TIMEOUTS, Timeouts, timeout_scope
 from petalnode.codecs import DEFAULT_LIMITS, CodecLimits, Message, decode_message, encode_message
 from petalnode.errors import (
@@ -135,7 +136,7 @@ class RPC:
         self._pool: dict[PeerId | str, Connection] = {}
         self._dial_locks: dict[PeerId | str, asyncio.Lock] = {}
         self._served: set[Connection] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskOwner("rpc")  # connection and stream handlers
         self._listeners: list[Listener] = []
         self._closed = False
 
@@ -318,9 +319,10 @@ class RPC:
             self._spawn(self.serve_connection(connection), f"rpc-accept {connection.remote_peer_id}")
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if self._tasks.closed:  # a connection or stream that arrived while we were closing: not served
+            coro.close()
+            return
+        self._tasks.spawn(coro, name=name)
 
     async def _serve_stream(self, connection: Connection, stream: Stream) -> None:
         try:
@@ -412,14 +414,12 @@ class RPC:
         for listener in self._listeners:
             with contextlib.suppress(TransportError):
                 await listener.aclose()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
-        for connection in {*self._pool.values(), *self._served}:
-            await connection.aclose()
-        self._pool.clear()
+        try:
+            await self._tasks.aclose()
+        finally:  # also when cancelled: pooled connections must not leak
+            for connection in {*self._pool.values(), *self._served}:
+                await connection.aclose()
+            self._pool.clear()
 
 
 async def _send_error(stream: Stream, error: RemoteError) -> None:

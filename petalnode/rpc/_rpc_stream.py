@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 
+from petalnode._lifecycle import TaskOwner
 from petalnode._timeouts import DEFAULT_TIMEOUTS, timeout_scope
 from petalnode.codecs import DEFAULT_LIMITS, CodecLimits, Message, decode_message, encode_message
 from petalnode.errors import (
@@ -69,10 +70,9 @@ class RPCStream:
         self._ended: PetalnodeError | None = None
         self._failure: TransportError | None = None
         self._closed = False
-        self._tasks = [
-            asyncio.create_task(self._read_loop(), name=f"rpc-stream-read {verb}"),
-            asyncio.create_task(self._heartbeat_loop(), name=f"rpc-stream-heartbeat {verb}"),
-        ]
+        self._tasks = TaskOwner(f"rpc-stream {verb}")
+        self._reader = self._tasks.spawn(self._read_loop(), name="read")
+        self._tasks.spawn(self._heartbeat_loop(), name="heartbeat")
 
     def __repr__(self) -> str:
         return f"<RPCStream {self.verb} with {self.remote_peer_id}>"
@@ -196,7 +196,7 @@ class RPCStream:
                         self._last_tx = self._loop.time()
 
     def _reader_done(self) -> bool:
-        return self._tasks[0].done()
+        return self._reader.done()
 
     # ---- closing ------------------------------------------------------------------------------------------
 
@@ -205,13 +205,11 @@ class RPCStream:
         if self._closed:
             return
         self._closed = True
-        for task in self._tasks:
-            task.cancel()
         try:
             with contextlib.suppress(TransportError):
                 await self._stream.aclose()
         finally:
-            await asyncio.wait(self._tasks)
+            await self._tasks.aclose()
 
     async def reset(self, reason: str = "") -> None:
         """Abort the stream (the peer sees `ConnectionClosedError`)."""

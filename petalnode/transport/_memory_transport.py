@@ -17,7 +17,6 @@ import logging
 from typing import TYPE_CHECKING
 
 from petalnode.errors import (
-    ClosedResourceError,
     ConnectionClosedError,
     ConnectTimeoutError,
     LocalProtocolError,
@@ -27,6 +26,7 @@ from petalnode.errors import (
 from petalnode.identity import Identity, PeerAddress, PeerId
 from petalnode.transport._base import CONNECT_TIMEOUT_S, ConnectionConfig, ConnectionHandler
 from petalnode.transport._frames import HEADER_BYTES
+from petalnode.transport._lifecycle_base import TransportLifecycle
 from petalnode.transport._mux import MuxConnection
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ class MemoryListener:
         await self.aclose()
 
 
-class MemoryTransport:
+class MemoryTransport(TransportLifecycle):
     """`Transport` over a `MemoryNetwork` for one identity on one host; an async context manager."""
 
     scheme = SCHEME
@@ -155,10 +155,8 @@ class MemoryTransport:
         self._identity = identity
         self.host = host
         self.config = config or ConnectionConfig()
-        self._listeners: list[MemoryListener] = []
+        self._init_lifecycle(f"memory transport {host}")
         self._connections: dict[MuxConnection, _MemoryChannelEnd] = {}
-        self._handler_tasks: set[asyncio.Task[None]] = set()
-        self._closed = False
         self._unregister_kill = network._on_kill(host, self._on_killed)
 
     @property
@@ -167,16 +165,6 @@ class MemoryTransport:
 
     def __repr__(self) -> str:
         return f"<MemoryTransport {self.host} {self._identity.peer_id}>"
-
-    async def __aenter__(self) -> MemoryTransport:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClosedResourceError(f"memory transport {self.host}: cannot use in state \"closed\"")
 
     async def listen(self, handler: ConnectionHandler, *, host: str | None = None, port: int = 0) -> MemoryListener:
         """Listen on this transport's host (`host`, if given, must equal it); port 0 picks a free port."""
@@ -250,9 +238,7 @@ class MemoryTransport:
         self._connections.pop(connection, None)
 
     def _run_handler(self, listener: MemoryListener, connection: MuxConnection) -> None:
-        task = asyncio.create_task(self._handle(listener, connection), name=f"memory-accept {connection!r}")
-        self._handler_tasks.add(task)
-        task.add_done_callback(self._handler_tasks.discard)
+        self._tasks.spawn(self._handle(listener, connection), name=f"accept {connection!r}")
 
     async def _handle(self, listener: MemoryListener, connection: MuxConnection) -> None:
         try:
@@ -269,20 +255,11 @@ class MemoryTransport:
             self._unlisten(listener)
         for end in list(self._connections.values()):
             end.abort()
-        for task in self._handler_tasks:
+        for task in self._tasks:
             task.cancel()
         self._closed = True
 
     async def aclose(self) -> None:
         """Close listeners, connections and handler tasks (idempotent)."""
-        self._closed = True
         self._unregister_kill()
-        for listener in list(self._listeners):
-            await listener.aclose()
-        for task in list(self._handler_tasks):
-            task.cancel()
-        connections = list(self._connections)
-        for connection in connections:
-            await connection.aclose()
-        if self._handler_tasks:
-            await asyncio.wait(list(self._handler_tasks))
+        await self._close_lifecycle(self._connections)

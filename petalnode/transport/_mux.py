@@ -23,6 +23,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from petalnode._lifecycle import TaskOwner
 from petalnode.errors import (
     ClosedResourceError,
     ConnectionClosedError,
@@ -263,17 +264,19 @@ class MuxConnection:
         self._closed = False
         self._close_reason: TransportError | None = None
         self._closed_event = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = TaskOwner(f"mux {remote_peer_id}")
+        self._started = False
         self._last_rx = asyncio.get_running_loop().time()
         self._last_active = self._last_rx  # when a stream last opened or ended (for idle_timeout_s)
         self.pings_sent = 0  # keepalive probes written (diagnostics and tests)
 
     def start(self) -> None:
-        if self._tasks:
+        if self._started:
             raise InvalidStateError("connection already started")
-        self._tasks.append(asyncio.create_task(self._read_loop(), name=f"mux-read {self._remote_peer_id}"))
+        self._started = True
+        self._tasks.spawn(self._read_loop(), name="read")
         if self.config.keepalive_interval_s is not None:
-            self._tasks.append(asyncio.create_task(self._keepalive(), name=f"mux-keepalive {self._remote_peer_id}"))
+            self._tasks.spawn(self._keepalive(), name="keepalive")
 
     @property
     def local_peer_id(self) -> PeerId:
@@ -478,12 +481,7 @@ class MuxConnection:
             with contextlib.suppress(TransportError):
                 self._channel.write_frame(frames.encode_goaway("closing"))
             self._close(ConnectionClosedError(f"connection to {self._remote_peer_id} closed locally"))
-        current = asyncio.current_task()
-        tasks = [t for t in self._tasks if t is not current and not t.done()]
-        for task in tasks:
-            task.cancel()
         try:
             await self._channel.aclose()
-        finally:
-            if tasks:
-                await asyncio.wait(tasks)
+        finally:  # the read loop may be the caller: TaskOwner does not await the current task
+            await self._tasks.aclose()

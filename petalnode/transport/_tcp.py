@@ -19,7 +19,6 @@ import socket
 
 from petalnode._timeouts import DEFAULT_TIMEOUTS, Timeouts, timeout_scope
 from petalnode.errors import (
-    ClosedResourceError,
     ConnectionClosedError,
     ConnectTimeoutError,
     HandshakeError,
@@ -33,6 +32,7 @@ from petalnode.identity import Identity, PeerAddress, PeerId
 from petalnode.transport import _handshake as hs
 from petalnode.transport._base import CONNECT_TIMEOUT_S, ConnectionConfig, ConnectionHandler
 from petalnode.transport._frames import HEADER_BYTES
+from petalnode.transport._lifecycle_base import TransportLifecycle
 from petalnode.transport._mux import MuxConnection
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class TcpListener:
         await self.aclose()
 
 
-class TcpTransport:
+class TcpTransport(TransportLifecycle):
     """`Transport` over TCP with the petalnode handshake; an async context manager owning its connections."""
 
     scheme = SCHEME
@@ -181,10 +181,8 @@ class TcpTransport:
         self.config = config or ConnectionConfig(keepalive_timeout_s=_no_limit(timeouts.keepalive))
         self._handshake_timeout_s = handshake_timeout_s if handshake_timeout_s is not None else timeouts.handshake
         self._max_frame = self.config.chunk_bytes + HEADER_BYTES
-        self._listeners: list[TcpListener] = []
+        self._init_lifecycle("TCP transport")
         self._connections: set[MuxConnection] = set()
-        self._tasks: set[asyncio.Task[object]] = set()
-        self._closed = False
 
     @property
     def local_peer_id(self) -> PeerId:
@@ -192,16 +190,6 @@ class TcpTransport:
 
     def __repr__(self) -> str:
         return f"<TcpTransport {self._identity.peer_id}>"
-
-    async def __aenter__(self) -> TcpTransport:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClosedResourceError("TCP transport: cannot use in state \"closed\"")
 
     async def listen(
         self, handler: ConnectionHandler, *, host: str | None = "127.0.0.1", port: int = 0
@@ -212,11 +200,8 @@ class TcpTransport:
         async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             task = asyncio.current_task()
             assert task is not None
-            self._tasks.add(task)
-            try:
-                await self._accept(reader, writer, handler)
-            finally:
-                self._tasks.discard(task)
+            self._own_task(task)
+            await self._accept(reader, writer, handler)
 
         try:
             server = await asyncio.start_server(on_client, host or "127.0.0.1", port, limit=_READER_LIMIT_BYTES)
@@ -309,17 +294,7 @@ class TcpTransport:
 
     async def aclose(self) -> None:
         """Stop listening, close every connection and cancel handler tasks (idempotent)."""
-        self._closed = True
-        for listener in self._listeners:
-            await listener.aclose()
-        self._listeners.clear()
-        for connection in list(self._connections):
-            await connection.aclose()
-        tasks = [t for t in self._tasks if not t.done() and t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+        await self._close_lifecycle(self._connections)
 
 
 def _set_nodelay(writer: asyncio.StreamWriter) -> None:

@@ -35,7 +35,6 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSession
 
 from petalnode._timeouts import DEFAULT_TIMEOUTS, Timeouts
 from petalnode.errors import (
-    ClosedResourceError,
     ConfigError,
     ConnectionClosedError,
     ConnectTimeoutError,
@@ -51,6 +50,7 @@ from petalnode.identity import Identity, PeerAddress, PeerId
 from petalnode.transport import _webrtc_signing as signing
 from petalnode.transport._base import CONNECT_TIMEOUT_S, ConnectionConfig, ConnectionHandler
 from petalnode.transport._frames import HEADER_BYTES
+from petalnode.transport._lifecycle_base import TransportLifecycle
 from petalnode.transport._mux import MuxConnection
 from petalnode.transport._relayed import RelayChannel, RelayedFrames, secure_relayed
 from petalnode.transport._webrtc_signing import SignedDescription
@@ -245,7 +245,7 @@ class WebRTCListener:
         self._transport._handler = None
 
 
-class WebRTCTransport:
+class WebRTCTransport(TransportLifecycle):
     """`Transport` over aiortc data channels, signalled through a `Signaler`; an async context manager.
 
     Args:
@@ -291,10 +291,9 @@ class WebRTCTransport:
         )
         self._handler: ConnectionHandler | None = None
         self._relay: PeerAddress | None = None
+        self._init_lifecycle("WebRTC transport")
         self._connections: set[MuxConnection] = set()
         self._pending: set[RTCPeerConnection] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._closed = False
 
     @property
     def local_peer_id(self) -> PeerId:
@@ -318,16 +317,6 @@ class WebRTCTransport:
 
     def __repr__(self) -> str:
         return f"<WebRTCTransport {self._identity.peer_id}>"
-
-    async def __aenter__(self) -> WebRTCTransport:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClosedResourceError('WebRTC transport: cannot use in state "closed"')
 
     def _new_pc(self, extra: Sequence[str] = ()) -> RTCPeerConnection:
         servers = [*self.ice_servers, *(IceServer.parse(u) for u in extra)]
@@ -377,10 +366,7 @@ class WebRTCTransport:
             if isinstance(e, TimeoutError):
                 raise HandshakeTimeoutError(f"answering an offer took over {self._handshake_timeout_s} s") from None
             raise
-        task = asyncio.create_task(self._finish_accept(pc, channel_future, remote_id, handler),
-                                   name=f"webrtc-accept {remote_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._finish_accept(pc, channel_future, remote_id, handler), name=f"accept {remote_id}")
         return signing.sign(self._identity, kind=signing.ANSWER, sdp=sdp, receiver=remote_id, nonce=offer.nonce)
 
     async def _finish_accept(
@@ -539,18 +525,13 @@ class WebRTCTransport:
 
     async def aclose(self) -> None:
         """Close every connection and pending handshake (idempotent)."""
-        self._closed = True
         self._handler = None
-        for connection in list(self._connections):
-            await connection.aclose()
-        tasks = [t for t in self._tasks if not t.done() and t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
-        for pc in list(self._pending):
-            await _close_pc(pc)
-        self._pending.clear()
+        try:
+            await self._close_lifecycle(self._connections)
+        finally:
+            for pc in list(self._pending):
+                await _close_pc(pc)
+            self._pending.clear()
 
 
 def _relay_name(address: PeerAddress) -> str:

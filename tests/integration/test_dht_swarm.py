@@ -133,6 +133,8 @@ async def test_refresh_task_keeps_own_record_alive_and_stops_on_close() -> None:
         assert set(records) == {nodes[3].peer_id}
         assert records[nodes[3].peer_id].seq > before
         handle.cancel()
+        await asyncio.sleep(0.01)  # the owner keeps the task until it has finished cancelling, then forgets it
+        assert handle.done
         assert not nodes[3]._tasks or all(not t.get_coro().__name__ == "refresh" for t in nodes[3]._tasks)
         clock.now += 3.0
         assert await nodes[5].get("m.0") == {}

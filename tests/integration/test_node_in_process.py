@@ -56,9 +56,13 @@ async def test_library_swarm_generates_like_transformers(tiny_model_dir: Path) -
         ours = await asyncio.to_thread(generate)
         reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
         assert torch.equal(ours, reference.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=10, do_sample=False))
+        # Leaving announces OFFLINE: a reader that outlives the servers sees each of them as OFFLINE, not ONLINE.
+        peers = {server.identity.peer_id for server in servers}
+        await _stop(*servers)
+        view = await fetch_swarm(bootstrap.dht, info.source.name, info.num_blocks)
+        assert {peer: view.servers[peer].state for peer in peers} == dict.fromkeys(peers, ServerState.OFFLINE)
     finally:
         await _stop(*servers, bootstrap)
-    # Leaving announces OFFLINE: a fresh reader sees no online server.
     assert all(node.state.value == "closed" for node in (*servers, bootstrap))
 
 
