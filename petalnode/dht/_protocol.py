@@ -25,6 +25,7 @@ from typing import Any
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 
+from petalnode._lifecycle import TaskOwner
 from petalnode.dht._known import KnownRecords
 from petalnode.dht._record import Record
 from petalnode.dht._routing import DecidingRoutingTable
@@ -79,7 +80,7 @@ class HardenedProtocol(KademliaProtocol):
         self.dropped = 0
         self.internal_errors = 0
         self._strikes: dict[bytes, int] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskOwner("dht protocol")
         self._handoffs = 0
         self._closed = False
         self._ip_hosts_only = True
@@ -377,14 +378,10 @@ class HardenedProtocol(KademliaProtocol):
             self._handoffs -= 1
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("DHT background task failed: %r", task.exception())
+        if self._closed:  # a datagram handled after aclose starts no new work
+            coro.close()
+            return
+        self._tasks.spawn(coro)
 
     async def aclose(self) -> None:
         """Stop answering, fail outstanding calls, cancel and await owned tasks (idempotent)."""
@@ -394,11 +391,7 @@ class HardenedProtocol(KademliaProtocol):
             if not future.done():
                 future.set_result((False, None))
         self._outstanding.clear()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.aclose()
 
 
 def batch_records(records: list[Record]) -> list[list[Record]]:

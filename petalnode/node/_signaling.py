@@ -33,6 +33,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from petalnode._lifecycle import TaskOwner
 from petalnode.codecs import Message
 from petalnode.errors import BadRequestError, ConfigError, PetalnodeError, TransportError
 from petalnode.identity import Identity, PeerAddress
@@ -104,7 +105,7 @@ class Signaling:
         self._own_rpc: RPC | None = None
         self._stun: StunServer | None = None
         self._stun_ports: dict[str, int] = {}
-        self._relay_task: asyncio.Task[None] | None = None
+        self._tasks = TaskOwner("signaling")  # re-registration with the relay
         self.relay_server = RelayServer(identity, self.webrtc, rpc=lambda: self.rpc, stun_port=lambda: self.stun_port,
                                         relay_bytes_per_s=self.options.relay_bytes_per_s)
         self.relay: PeerAddress | None = None
@@ -160,7 +161,7 @@ class Signaling:
                 return address
             self.relay = relay
             self.webrtc.set_relay(relay)
-            self._relay_task = asyncio.create_task(self._keep_registered(relay, address), name="webrtc-relay")
+            self._tasks.spawn(self._keep_registered(relay, address), name="webrtc-relay")
             log.info("not reachable directly; reachable by WebRTC at %s", self.webrtc.address)
             return self.webrtc.address
         log.warning("no bootstrap peer would relay for us; announcing %s (may be unreachable)", address)
@@ -245,11 +246,7 @@ class Signaling:
 
     async def aclose(self) -> None:
         """Stop relaying, STUN and re-registration (idempotent). The transports close with `transport()`."""
-        if self._relay_task is not None:
-            self._relay_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._relay_task
-            self._relay_task = None
+        await self._tasks.aclose()
         if self._stun is not None:
             await self._stun.aclose()
         if self._own_rpc is not None:

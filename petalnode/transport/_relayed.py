@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 from typing import ClassVar, Protocol, runtime_checkable
 
+from petalnode._lifecycle import TaskOwner
 from petalnode.codecs import Message, register_message, wire_field
 from petalnode.errors import (
     ClosedResourceError,
@@ -84,7 +84,8 @@ class RelayedFrames:
         self._drained.set()
         self._error: TransportError | None = None
         self._closed = False
-        self._writer = asyncio.create_task(self._write_loop(), name="relayed-writer")
+        self._tasks = TaskOwner("relayed connection")
+        self._tasks.spawn(self._write_loop(), name="writer")
 
     def write_frame(self, frame: bytes) -> None:
         if self._error is not None or self._closed:
@@ -138,10 +139,10 @@ class RelayedFrames:
             return
         self._closed = True
         self._fail(ConnectionClosedError("relayed connection closed locally"))
-        self._writer.cancel()
-        with contextlib.suppress(BaseException):
-            await self._writer
-        await self._stream.aclose()
+        try:
+            await self._tasks.aclose()
+        finally:
+            await self._stream.aclose()
 
 
 def _open(opener: hs.RecordOpener, record: bytes) -> bytes:
