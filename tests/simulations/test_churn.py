@@ -2,8 +2,8 @@
 hour, partitions; every generation that ran while every block had a live server must complete with output
 identical to the fault-free reference, none may hang, and reroutes must actually have happened.
 
-It drives the real Node, DHT, placement, routing and failover code (see simulations/churn.py). Measured on the
-shared 2-core machine: see CI_REAL_SECONDS_BOUND and the note in the issue.
+It drives the real Node, DHT, placement, routing and failover code (see simulations/churn.py). On this shared
+2-core machine one run takes about 50-90 s of real time; simulations/README.md says what larger runs cost.
 """
 
 from __future__ import annotations
