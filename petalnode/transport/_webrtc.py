@@ -320,7 +320,7 @@ class WebRTCTransport(TransportLifecycle):
 
     def _new_pc(self, extra: Sequence[str] = ()) -> RTCPeerConnection:
         servers = [*self.ice_servers, *(IceServer.parse(u) for u in extra)]
-        # An explicit (possibly empty) list: None would make aiortc use stun.l.google.com.
+        # An explicit (possibly empty) list: None would make aiortc fall back to a public Google STUN server.
         return RTCPeerConnection(RTCConfiguration(iceServers=[s.to_aiortc() for s in servers]))
 
     # ---- listening (answering) ----------------------------------------------------------------------------
