@@ -15,7 +15,8 @@ and is only ever displayed, never evaluated).
     ├── TransportError
     │   ├── ConnectTimeoutError          (also a PetalnodeTimeoutError, see below)
     │   ├── HandshakeError               identity proof failed
-    │   │   └── PeerIdMismatchError      the peer is not the one the address names
+    │   │   ├── PeerIdMismatchError      the peer is not the one the address names
+    │   │   └── SwarmKeyMismatchError    the peer holds another swarm key, or none (private swarms)
     │   └── ConnectionClosedError        the other side vanished
     ├── ClosedResourceError              used after aclose()
     ├── InvalidStateError                wrong call for the current state
@@ -105,6 +106,10 @@ class HandshakeError(TransportError):
 
 class PeerIdMismatchError(HandshakeError):
     """The peer proved an identity, but not the one the dialled address names."""
+
+
+class SwarmKeyMismatchError(HandshakeError):
+    """The peer does not hold this node's swarm key (another private swarm, or a public node, or vice versa)."""
 
 
 class ConnectionClosedError(TransportError):

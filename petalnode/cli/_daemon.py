@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+from petalnode.cli._swarm_key import add_swarm_key_option, swarm_key_from_args
 from petalnode.errors import ConfigError
 
 
@@ -54,6 +55,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="cap on data this node relays for NATed peers, e.g. 4M (0: relay nothing)")
     parser.add_argument("--no-nat-traversal", action="store_true",
                         help="TCP only: no STUN, WebRTC signaling or relaying (the node must be reachable directly)")
+    add_swarm_key_option(parser)
     parser.add_argument("--record-ttl", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--ready-file", default=None, type=Path, help=argparse.SUPPRESS)
 
@@ -78,7 +80,7 @@ def _node_kwargs(args: argparse.Namespace, *, public: bool = False) -> dict:
         mode="public" if public else "auto", turn=tuple(args.turn),
         relay_bytes_per_s=float(parse_size(args.relay_bandwidth)) if args.relay_bandwidth != "0" else 0.0)
     return dict(identity=identity, listen_host=host, listen_port=port, announce_host=args.announce_host,
-                record_ttl_s=args.record_ttl or DEFAULT_RECORD_TTL_S, nat=nat)
+                record_ttl_s=args.record_ttl or DEFAULT_RECORD_TTL_S, nat=nat, swarm_key=swarm_key_from_args(args))
 
 
 async def _serve_until_stopped(node, on_ready) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import sys
 import time
 
+from petalnode.cli._swarm_key import add_swarm_key_option, swarm_key_from_args
 from petalnode.errors import ConfigError
 
 
@@ -33,12 +34,16 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
                         help="how long one server may take for one step before the client fails over "
                              "(default: Timeouts.step, 60)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    add_swarm_key_option(parser)
     parser.set_defaults(run=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:  # before importing torch: a typo is answered at once
         raise ConfigError("--max-new-tokens must be at least 1")
+    if args.swarm_key is not None and not args.bootstrap:
+        raise ConfigError("--swarm-key joins a private swarm: give its --bootstrap address too")
+    swarm_key = swarm_key_from_args(args)
 
     from petalnode import DEFAULT_TIMEOUTS
     from petalnode.client import AutoDistributedModelForCausalLM, even_spans
@@ -65,7 +70,7 @@ def run_generate(args: argparse.Namespace) -> int:
             if args.step_timeout is not None:
                 timeouts = timeouts.replace(step=args.step_timeout)
             chain = RemoteBlockChain.connect(info, bootstrap=bootstrap, codec=TensorCodec(args.codec),
-                                             timeouts=timeouts)
+                                             timeouts=timeouts, swarm_key=swarm_key)
             stack.callback(chain.close)
             model = AutoDistributedModelForCausalLM.from_pretrained(info.source, chain=chain)
         return _generate(model, tokenizer, input_ids, args)

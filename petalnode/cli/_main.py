@@ -9,6 +9,7 @@ import sys
 from petalnode.cli._daemon import add_daemon_parsers
 from petalnode.cli._generate import add_generate_parser
 from petalnode.cli._status import add_status_parser
+from petalnode.cli._swarm_key import add_swarm_key_parser
 from petalnode.errors import PetalnodeError
 
 
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_daemon_parsers(commands)
     add_generate_parser(commands)
     add_status_parser(commands)
+    add_swarm_key_parser(commands)
     return parser
 
 

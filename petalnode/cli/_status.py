@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from petalnode.cli._swarm_key import add_swarm_key_option, swarm_key_from_args
 from petalnode.errors import DHTError
 
 
@@ -12,6 +13,7 @@ def add_status_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("status", help="show which servers host which blocks of a model")
     parser.add_argument("--bootstrap", action="append", default=[], required=True, metavar="ADDR")
     parser.add_argument("--model", default=None, help="local model directory or id (default: SmolLM2-135M-Instruct)")
+    add_swarm_key_option(parser)
     parser.set_defaults(run=run_status)
 
 
@@ -19,23 +21,24 @@ def run_status(args: argparse.Namespace) -> int:
     from petalnode.compute import load_model_info
 
     info = load_model_info(args.model)
-    view = asyncio.run(_fetch(args.bootstrap, info.source.name, info.num_blocks))
+    view = asyncio.run(_fetch(args.bootstrap, info.source.name, info.num_blocks, swarm_key_from_args(args)))
     print(render_status(view, info.source.name, args.bootstrap[0]))
     return 0 if not view.uncovered_blocks() else 1
 
 
-async def _fetch(bootstrap: list[str], model: str, num_blocks: int):
+async def _fetch(bootstrap: list[str], model: str, num_blocks: int, swarm_key=None):
     from petalnode.dht import DHTNode
     from petalnode.identity import Identity, PeerAddress
     from petalnode.node import fetch_swarm
 
     addresses = [PeerAddress.parse(a) for a in bootstrap]
-    async with DHTNode(Identity.generate(), client_mode=True) as dht:
+    async with DHTNode(Identity.generate(), client_mode=True, swarm_key=swarm_key) as dht:
         try:
             await dht.bootstrap([(a.host, a.port) for a in addresses])
         except DHTError as e:
             raise DHTError(f"no peers reachable at the bootstrap address ({', '.join(bootstrap)}): {e}. "
-                           "Check that a bootstrap or server is running there.") from e
+                           "Check that a bootstrap or server is running there (and, for a private swarm, that "
+                           "--swarm-key names its key).") from e
         return await fetch_swarm(dht, model, num_blocks)
 
 

@@ -95,7 +95,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             spans: with neither, run all blocks in this process, split into these spans.
             tuning_mode: None, "ptune" or "deep_ptune": add trainable prompts of `pre_seq_len` positions.
             adapter: the name of a LoRA adapter to apply on the servers (only servers announcing it are used).
-            Further keywords go to the chain (e.g. `codec`, `wait_for_blocks_s` for a swarm).
+            Further keywords go to the chain (e.g. `codec`, `wait_for_blocks_s` for a swarm; `swarm_key`, a
+            `petalnode.swarm_key.SwarmKey` or the path of a key file, to join a private swarm).
         """
         info = load_model_info(model)
         head = load_client_head(info, dtype=dtype, device=device)

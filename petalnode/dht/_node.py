@@ -32,6 +32,7 @@ from petalnode.dht._record import MAX_CLOCK_SKEW_S, MAX_RECORD_TTL_S, MAX_VALUE_
 from petalnode.dht._storage import RecordStorage
 from petalnode.errors import ClosedResourceError, ConfigError, DHTError, DHTTimeoutError, InvalidStateError
 from petalnode.identity import Identity, PeerId
+from petalnode.swarm_key import SwarmKey
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,9 @@ class DHTNode:
         alpha: int = ALPHA,
         max_record_ttl_s: float = MAX_RECORD_TTL_S,
         max_clock_skew_s: float = MAX_CLOCK_SKEW_S,
+        swarm_key: SwarmKey | None = None,
     ) -> None:
+        # swarm_key: a private swarm's key; every datagram is sealed under it (see _sealing.py).
         if not 0 < record_ttl_s <= max_record_ttl_s:
             raise ConfigError(f"record_ttl_s must be in (0, {max_record_ttl_s}], got {record_ttl_s}")
         # rpc_timeout_s / lookup_timeout_s override `timeouts.dht_rpc` / `dht_lookup` (kept for callers).
@@ -145,7 +148,7 @@ class DHTNode:
         self.storage = RecordStorage(wall_clock, max_ttl_s=max_record_ttl_s, skew_s=max_clock_skew_s)
         self._server = _KademliaServer(
             node_id=identity.peer_id.raw, storage=self.storage, ksize=ksize, alpha=alpha,
-            protocol_kwargs={"rpc_timeout_s": rpc_timeout_s, "client_mode": client_mode},
+            protocol_kwargs={"rpc_timeout_s": rpc_timeout_s, "client_mode": client_mode, "swarm_key": swarm_key},
         )
         self._state = NodeState.NEW
         self._seq = 0

@@ -13,6 +13,8 @@
 # - Client mode: requests carry `None` instead of our node id, so nobody adds us to a routing table, and we
 #   answer no requests.
 # - Stores carry signed records; the storing node verifies each one (`RecordStorage.put`).
+# - Private swarms: with a swarm key every datagram is sealed (`_sealing`); what does not open is dropped and
+#   counted in `outsider_dropped` before any parsing.
 from __future__ import annotations
 
 import asyncio
@@ -29,11 +31,13 @@ from petalnode._lifecycle import TaskOwner
 from petalnode.dht._known import KnownRecords
 from petalnode.dht._record import Record
 from petalnode.dht._routing import DecidingRoutingTable
+from petalnode.dht._sealing import DatagramSealer
 from petalnode.dht._storage import RecordStorage
 from petalnode.dht._wire import (
     KIND_REQUEST,
     KIND_RESPONSE,
     MAX_BODY_BYTES,
+    MAX_DATAGRAM_BYTES,
     MSG_ID_BYTES,
     Contact,
     pack_body,
@@ -44,6 +48,7 @@ from petalnode.dht._wire import (
     parse_request,
 )
 from petalnode.errors import CodecError, DHTError, RemoteProtocolError
+from petalnode.swarm_key import SwarmKey
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +76,11 @@ class HardenedProtocol(KademliaProtocol):
         rpc_timeout_s: float = RPC_TIMEOUT_S,
         client_mode: bool = False,
         clock: Callable[[], float],
+        swarm_key: SwarmKey | None = None,
     ) -> None:
         super().__init__(source_node, storage, ksize)
+        self._sealer = None if swarm_key is None else DatagramSealer(swarm_key)
+        self.outsider_dropped = 0  # datagrams not sealed under our swarm key (private swarms only)
         self._wait_timeout = rpc_timeout_s
         self.router = DecidingRoutingTable(self, ksize, source_node, clock=clock)
         self.storage: RecordStorage = storage
@@ -101,6 +109,14 @@ class HardenedProtocol(KademliaProtocol):
     def datagram_received(self, data: bytes, addr: Any) -> None:
         if self._closed:
             return
+        if self._sealer is not None:
+            try:
+                data = self._sealer.open(data, MAX_DATAGRAM_BYTES)
+            except CodecError as e:
+                self.dropped += 1
+                self.outsider_dropped += 1
+                log.debug("dropped DHT datagram from %s: %s", addr, e)
+                return
         try:
             datagram = parse_datagram(data)
             if datagram.kind == KIND_RESPONSE:
@@ -128,7 +144,10 @@ class HardenedProtocol(KademliaProtocol):
         if len(request.args) != arity:
             raise RemoteProtocolError(f"DHT {request.name} takes {arity} arguments, got {len(request.args)}")
         response = handler(addr, *request.args)
-        self.transport.sendto(bytes([KIND_RESPONSE]) + msg_id + pack_body(response), addr)
+        self._send(bytes([KIND_RESPONSE]) + msg_id + pack_body(response), addr)
+
+    def _send(self, datagram: bytes, addr: Any) -> None:
+        self.transport.sendto(datagram if self._sealer is None else self._sealer.seal(datagram), addr)
 
     def _accept_response(self, msg_id: bytes, data: Any, address: Any) -> None:
         entry = self._outstanding.pop(msg_id, None)
@@ -201,7 +220,7 @@ class HardenedProtocol(KademliaProtocol):
         future: asyncio.Future[tuple[bool, Any]] = loop.create_future()
         datagram = bytes([KIND_REQUEST]) + msg_id + pack_body([name, list(args)])
         self._outstanding[msg_id] = (future, loop.call_later(self._wait_timeout, self._timeout, msg_id))
-        self.transport.sendto(datagram, address)
+        self._send(datagram, address)
         return future
 
     async def _call(

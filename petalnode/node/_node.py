@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import random
 import socket
 import time
@@ -39,6 +40,7 @@ from petalnode.node._placement import choose_blocks, join_recheck_waits, rebalan
 from petalnode.node._signaling import NatOptions, Signaling
 from petalnode.node._swarm import fetch_swarm
 from petalnode.rpc import RPC
+from petalnode.swarm_key import SwarmKey, load_swarm_key
 from petalnode.transport import TcpTransport, Transport
 
 if TYPE_CHECKING:  # serving only: a bootstrap node never loads torch (tests/cli/test_cli_bootstrap_imports.py)
@@ -127,6 +129,7 @@ class Node:
         dht_options: dict[str, Any] | None = None,
         nat: NatOptions | None = None,
         timeouts: Timeouts = DEFAULT_TIMEOUTS,
+        swarm_key: SwarmKey | str | os.PathLike[str] | None = None,
     ) -> None:
         """Args (beyond the obvious):
             timeouts: how long each phase may take, handed to the RPC layer, the default TCP transport, the DHT
@@ -137,15 +140,19 @@ class Node:
             compute: where served blocks come from (default: real torch blocks).
             nat: serve STUN and WebRTC signaling, and behind NAT be reachable by WebRTC via a bootstrap peer
                 (see _signaling.py); None: TCP only.
+            swarm_key: a private swarm's key (or the path of its file): only peers holding it can connect, use
+                the DHT or open sessions; None: the public swarm. A given `transport` must be keyed by the caller.
         """
         self.identity = identity or Identity.generate()
+        self.swarm_key = load_swarm_key(swarm_key)
         self._given_transport = transport
         self._endpoint_factory = endpoint_factory
         self._wall_clock = wall_clock
         self.compute = compute or TorchBackend()
         self._dht_options = dht_options or {}
         self.timeouts = timeouts
-        self._signaling = Signaling(self.identity, nat) if nat is not None and transport is None else None
+        self._signaling = (Signaling(self.identity, nat, swarm_key=self.swarm_key)
+                           if nat is not None and transport is None else None)
         self.listen_host = listen_host
         self.listen_port = listen_port
         self.bootstrap_addresses = [a if isinstance(a, PeerAddress) else PeerAddress.parse(a) for a in bootstrap]
@@ -245,7 +252,7 @@ class Node:
 
     async def _listen(self) -> None:
         default = (self._signaling.transport() if self._signaling is not None
-                   else TcpTransport(self.identity, timeouts=self.timeouts))
+                   else TcpTransport(self.identity, timeouts=self.timeouts, swarm_key=self.swarm_key))
         self._transport = self._given_transport or default
         self._cleanup.push("transport", self._transport.aclose)
         self._rpc = RPC(self._transport, timeouts=self.timeouts)
@@ -259,7 +266,8 @@ class Node:
             listener = await self._rpc.listen(host=self.listen_host, port=self.listen_port)
             port = listener.address.port
             dht = DHTNode(self.identity, record_ttl_s=self.record_ttl_s, endpoint_factory=self._endpoint_factory,
-                          wall_clock=self._wall_clock, **{"timeouts": self.timeouts, **self._dht_options})
+                          wall_clock=self._wall_clock, swarm_key=self.swarm_key,
+                          **{"timeouts": self.timeouts, **self._dht_options})
             try:
                 await dht.start(listen=(self.listen_host, port))
             except OSError as e:  # UDP port taken by someone else: try another TCP port

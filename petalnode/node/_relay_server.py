@@ -29,6 +29,7 @@ from petalnode.node._signaling_messages import (
     WebRTCInfoRequest,
 )
 from petalnode.rpc import RPC, CallContext, RPCStream
+from petalnode.swarm_key import SwarmKey
 from petalnode.transport import Connection, RelayData, SignedDescription, TcpTransport, WebRTCTransport
 
 log = logging.getLogger(__name__)
@@ -92,12 +93,14 @@ class RelayServer:
         stun_port: returns this node's STUN port (0: none).
         relay_bytes_per_s: cap on relayed data (0: relay nothing).
         clock: a monotonic clock for the token buckets (None: the running loop's time).
+        swarm_key: a private swarm's key (the dial-back probe must be keyed to reach a member).
     """
 
     def __init__(self, identity: Identity, webrtc: WebRTCTransport, *, rpc: Callable[[], RPC],
                  stun_port: Callable[[], int], relay_bytes_per_s: float,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, swarm_key: SwarmKey | None = None) -> None:
         self.identity = identity
+        self.swarm_key = swarm_key
         self.webrtc = webrtc
         self.relay_bytes_per_s = relay_bytes_per_s
         self._rpc = rpc
@@ -143,7 +146,7 @@ class RelayServer:
         await self._dial_backs.take(1)
         # A fresh TCP transport: the pooled connection to this peer is the one it dialled us on, which proves
         # nothing about whether we can reach it.
-        async with TcpTransport(self.identity) as probe:
+        async with TcpTransport(self.identity, swarm_key=self.swarm_key) as probe:
             try:
                 connection = await probe.dial(address, connect_timeout_s=DIAL_BACK_TIMEOUT_S)
             except TransportError:

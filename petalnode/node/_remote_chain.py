@@ -109,8 +109,11 @@ class RemoteBlockChain:
             # TCP and WebRTC: servers behind NAT announce webrtc:// addresses reached through their relay.
             from petalnode.identity import Identity
             from petalnode.node._signaling import NatOptions, Signaling
+            from petalnode.swarm_key import load_swarm_key
 
-            signaling = Signaling(options.get("identity") or Identity.generate(), NatOptions(stun=False))
+            options = {**options, "swarm_key": load_swarm_key(options.get("swarm_key"))}
+            signaling = Signaling(options.get("identity") or Identity.generate(), NatOptions(stun=False),
+                                  swarm_key=options["swarm_key"])
             options = {**options, "identity": signaling.identity, "transport": signaling.transport()}
         loop = _LoopThread()
         client = SwarmClient(info.source.name, info.num_blocks, bootstrap, dtype=dtype, codec=TensorCodec(codec),

@@ -48,6 +48,7 @@ from petalnode.node._signaling_messages import (
     WebRTCInfoRequest,
 )
 from petalnode.rpc import RPC, CallContext, RPCStream
+from petalnode.swarm_key import SwarmKey
 from petalnode.transport import (
     IceServer,
     MultiTransport,
@@ -95,19 +96,21 @@ class Signaling:
     serves the verbs on the node's RPC (a client without one gets a private RPC for its outgoing calls).
     """
 
-    def __init__(self, identity: Identity, options: NatOptions | None = None) -> None:
+    def __init__(self, identity: Identity, options: NatOptions | None = None, *,
+                 swarm_key: SwarmKey | None = None) -> None:
+        # swarm_key: a private swarm's key, given to both transports and to the relay's dial-back probe.
         self.identity = identity
         self.options = options or NatOptions()
         self._turn = [IceServer.parse(url) for url in self.options.turn]
-        self.webrtc = WebRTCTransport(identity, signaler=self, ice_servers=self._turn)
-        self.tcp = TcpTransport(identity)
+        self.webrtc = WebRTCTransport(identity, signaler=self, ice_servers=self._turn, swarm_key=swarm_key)
+        self.tcp = TcpTransport(identity, swarm_key=swarm_key)
         self._rpc: RPC | None = None
         self._own_rpc: RPC | None = None
         self._stun: StunServer | None = None
         self._stun_ports: dict[str, int] = {}
         self._tasks = TaskOwner("signaling")  # re-registration with the relay
         self.relay_server = RelayServer(identity, self.webrtc, rpc=lambda: self.rpc, stun_port=lambda: self.stun_port,
-                                        relay_bytes_per_s=self.options.relay_bytes_per_s)
+                                        relay_bytes_per_s=self.options.relay_bytes_per_s, swarm_key=swarm_key)
         self.relay: PeerAddress | None = None
         self.reachable: bool | None = None
 

@@ -25,6 +25,7 @@ import contextlib
 import enum
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -81,6 +82,7 @@ from petalnode.node._routing import RouteHop, choose_route
 from petalnode.node._swarm import fetch_swarm
 from petalnode.node._swarm_view import ServerView, SwarmView, describe_runs
 from petalnode.rpc import RPC, RPCStream
+from petalnode.swarm_key import SwarmKey, load_swarm_key
 from petalnode.transport import TcpTransport, Transport
 
 log = logging.getLogger(__name__)
@@ -297,7 +299,10 @@ class SwarmClient:
         wall_clock: Callable[[], float] = time.time,
         listen_host: str = "0.0.0.0",
         dht_options: dict[str, Any] | None = None,
+        swarm_key: SwarmKey | str | os.PathLike[str] | None = None,
     ) -> None:
+        # swarm_key: a private swarm's key or its file: the DHT and the default TCP transport are keyed with it
+        # (a given `transport` must be keyed by the caller).
         if not bootstrap:
             raise ConfigError("a swarm client needs at least one bootstrap address")
         self.model = model
@@ -312,6 +317,7 @@ class SwarmClient:
         self.wait_for_blocks_s = self.timeouts.wait_for_blocks
         self.bootstrap = [a if isinstance(a, PeerAddress) else PeerAddress.parse(a) for a in bootstrap]
         self.identity = identity or Identity.generate()
+        self.swarm_key = load_swarm_key(swarm_key)
         self.rng = random.Random(seed)
         self.rtt: dict[PeerId, float] = {}
         self.bans: BanList = BanList(time.monotonic)
@@ -364,13 +370,15 @@ class SwarmClient:
         loop = asyncio.get_running_loop()
         self.bans = BanList(loop.time)
         try:
-            self._transport = self._given_transport or TcpTransport(self.identity, timeouts=self.timeouts)
+            self._transport = self._given_transport or TcpTransport(
+                self.identity, timeouts=self.timeouts, swarm_key=self.swarm_key)
             self._cleanup.push("transport", self._transport.aclose)
             # Unary calls (forward/backward passes, info) get the step timeout: they are one pass through a span.
             self._rpc = RPC(self._transport, timeouts=self.timeouts, call_timeout_s=self.timeouts.step)
             self._cleanup.push("rpc", self._rpc.aclose)
             self._dht = DHTNode(self.identity, client_mode=True, endpoint_factory=self._endpoint_factory,
-                                wall_clock=self._wall_clock, **{"timeouts": self.timeouts, **self._dht_options})
+                                wall_clock=self._wall_clock, swarm_key=self.swarm_key,
+                                **{"timeouts": self.timeouts, **self._dht_options})
             self._cleanup.push("dht", self._dht.aclose)
             await self._dht.start(listen=(self._listen_host, 0),
                                   bootstrap=[(a.host, a.port) for a in self.bootstrap])

@@ -5,6 +5,7 @@
 # The relay only moves opaque `RelayData` messages. Both ends run the TCP transport's signed X25519 handshake
 # (`_handshake.py`) inside the piped stream and then exchange ChaCha20-Poly1305 records, so the relay can neither
 # read nor alter the traffic, nor pose as either end (the proofs sign the transcript of the ephemeral keys).
+# In a private swarm that handshake is keyed with the swarm key exactly as on TCP.
 #
 # Invariants:
 # - One `RelayData` message is one HELLO or one sealed record (length prefix | ciphertext).
@@ -31,6 +32,7 @@ from petalnode.errors import (
     TransportError,
 )
 from petalnode.identity import Identity, PeerId
+from petalnode.swarm_key import SwarmKey
 from petalnode.transport import _handshake as hs
 
 HIGH_WATER_BYTES = 1024 * 1024
@@ -153,38 +155,34 @@ def _open(opener: hs.RecordOpener, record: bytes) -> bytes:
 
 
 async def secure_relayed(
-    stream: RelayChannel, identity: Identity, *, initiator: bool, max_frame: int, via: str
+    stream: RelayChannel, identity: Identity, *, initiator: bool, max_frame: int, via: str,
+    swarm_key: SwarmKey | None = None,
 ) -> tuple[RelayedFrames, PeerId]:
     """Run the signed handshake over a piped stream; the caller bounds it in time.
 
+    Args:
+        swarm_key: a private swarm's key, mixed into the handshake as on TCP (the relay never needs it).
     Returns:
         The frame channel and the peer id the other end proved.
     Raises:
-        HandshakeError: the other end failed to prove an identity (or is not speaking our protocol).
+        HandshakeError: the other end failed to prove an identity (or is not speaking our protocol);
+            SwarmKeyMismatchError when it does not hold our swarm key.
         ConnectionClosedError: the relay or the other end went away.
     """
     role = hs.Role.INITIATOR if initiator else hs.Role.RESPONDER
-    ephemeral = hs.EphemeralKey()
+    handshake = hs.Handshake(identity, role, max_frame=max_frame, swarm_key=swarm_key)
     try:
-        await stream.send(RelayData(data=ephemeral.hello()))
+        await stream.send(RelayData(data=handshake.hello()))
         hello = await stream.receive()
+        assert isinstance(hello, RelayData)
+        proof_record = handshake.receive_hello(hello.data)
+        await stream.send(RelayData(data=proof_record))
+        proof = await stream.receive()
     except (TransportError, RemoteError, CodecError) as e:
         raise ConnectionClosedError(f"relayed handshake failed: {e}") from None
-    assert isinstance(hello, RelayData)
-    peer_ephemeral = hs.parse_hello(hello.data)
-    first, second = (ephemeral.public, peer_ephemeral) if initiator else (peer_ephemeral, ephemeral.public)
-    th = hs.transcript_hash(first, second)
-    send_key, receive_key = hs.derive_keys(ephemeral.exchange(peer_ephemeral), th, role)
-    frames = RelayedFrames(stream, hs.RecordSealer(send_key), hs.RecordOpener(receive_key, max_frame), max_frame,
-                           via)
-    try:
-        frames.write_frame(hs.make_proof(identity, role, th))
-        await frames.drain()
-        try:
-            proof = await frames.receive_frame()
-        except PetalnodeError as e:
-            raise HandshakeError(f"bad identity proof over the relay: {e}") from None
-        return frames, hs.verify_proof(proof, role.other, th)
-    except BaseException:
-        await frames.aclose()
-        raise
+    assert isinstance(proof, RelayData) and handshake.sealer is not None and handshake.opener is not None
+    prefix, ciphertext = proof.data[: hs.LENGTH_PREFIX.size], proof.data[hs.LENGTH_PREFIX.size :]
+    if len(prefix) != hs.LENGTH_PREFIX.size:
+        raise HandshakeError("relayed identity proof shorter than its length prefix")
+    remote_id = handshake.receive_proof(prefix, ciphertext)
+    return RelayedFrames(stream, handshake.sealer, handshake.opener, max_frame, via), remote_id

@@ -26,9 +26,11 @@ from petalnode.errors import (
     LocalProtocolError,
     PeerIdMismatchError,
     PetalnodeError,
+    RemoteProtocolError,
     TransportError,
 )
 from petalnode.identity import Identity, PeerAddress, PeerId
+from petalnode.swarm_key import SwarmKey
 from petalnode.transport import _handshake as hs
 from petalnode.transport._base import CONNECT_TIMEOUT_S, ConnectionConfig, ConnectionHandler
 from petalnode.transport._frames import HEADER_BYTES
@@ -105,32 +107,33 @@ async def _close_writer(writer: asyncio.StreamWriter) -> None:
 
 
 async def _handshake(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, identity: Identity, role: hs.Role, max_frame: int
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    identity: Identity,
+    role: hs.Role,
+    max_frame: int,
+    swarm_key: SwarmKey | None,
 ) -> tuple[SecureChannel, PeerId]:
     """Run the handshake on a fresh socket; the caller bounds it in time."""
-    ephemeral = hs.EphemeralKey()
-    writer.write(ephemeral.hello())
+    handshake = hs.Handshake(identity, role, max_frame=max_frame, swarm_key=swarm_key)
+    writer.write(handshake.hello())
     try:
-        peer_ephemeral = hs.parse_hello(await reader.readexactly(hs.HELLO_BYTES))
+        proof_record = handshake.receive_hello(await reader.readexactly(hs.HELLO_BYTES))
+        writer.write(proof_record)
+        await writer.drain()
+        prefix = await reader.readexactly(hs.LENGTH_PREFIX.size)
+        assert handshake.opener is not None and handshake.sealer is not None
+        try:
+            length = handshake.opener.record_length(prefix)
+        except RemoteProtocolError as e:
+            raise HandshakeError(f"bad identity proof record: {e}") from None
+        remote_id = handshake.receive_proof(prefix, await reader.readexactly(length))
     except asyncio.IncompleteReadError:
         raise HandshakeError("peer closed the connection during the handshake") from None
-    if role is hs.Role.INITIATOR:
-        th = hs.transcript_hash(ephemeral.public, peer_ephemeral)
-    else:
-        th = hs.transcript_hash(peer_ephemeral, ephemeral.public)
-    send_key, receive_key = hs.derive_keys(ephemeral.exchange(peer_ephemeral), th, role)
-    channel = SecureChannel(
-        reader, writer, hs.RecordSealer(send_key), hs.RecordOpener(receive_key, max_frame), max_frame
-    )
-    channel.write_frame(hs.make_proof(identity, role, th))
-    await channel.drain()
-    try:
-        proof = await channel.receive_frame()
-    except ConnectionClosedError:
-        raise HandshakeError("peer closed the connection during the handshake") from None
-    except PetalnodeError as e:
-        raise HandshakeError(f"bad identity proof record: {e}") from None
-    return channel, hs.verify_proof(proof, role.other, th)
+    except (ConnectionError, OSError) as e:
+        raise HandshakeError(f"connection lost during the handshake: {e}") from None
+    channel = SecureChannel(reader, writer, handshake.sealer, handshake.opener, max_frame)
+    return channel, remote_id
 
 
 class TcpListener:
@@ -171,13 +174,16 @@ class TcpTransport(TransportLifecycle):
         config: ConnectionConfig | None = None,
         handshake_timeout_s: float | None = None,
         timeouts: Timeouts = DEFAULT_TIMEOUTS,
+        swarm_key: SwarmKey | None = None,
     ) -> None:
         """Args (beyond the obvious):
             config: multiplexing limits; None: the defaults with `timeouts.keepalive`.
             handshake_timeout_s: overrides `timeouts.handshake` (accepted connections; a dial is bounded by
                 its connect timeout).
+            swarm_key: a private swarm's key: only peers holding the same key complete a handshake with us.
         """
         self._identity = identity
+        self.swarm_key = swarm_key
         self.config = config or ConnectionConfig(keepalive_timeout_s=_no_limit(timeouts.keepalive))
         self._handshake_timeout_s = handshake_timeout_s if handshake_timeout_s is not None else timeouts.handshake
         self._max_frame = self.config.chunk_bytes + HEADER_BYTES
@@ -220,7 +226,7 @@ class TcpTransport(TransportLifecycle):
         try:
             async with timeout_scope(self._handshake_timeout_s, HandshakeTimeoutError, "TCP handshake timed out"):
                 channel, remote_id = await _handshake(
-                    reader, writer, self._identity, hs.Role.RESPONDER, self._max_frame
+                    reader, writer, self._identity, hs.Role.RESPONDER, self._max_frame, self.swarm_key
                 )
         except HandshakeTimeoutError:
             log.warning("TCP handshake from %s timed out after %s s", peer, self._handshake_timeout_s)
@@ -252,7 +258,7 @@ class TcpTransport(TransportLifecycle):
                 reader, writer = await asyncio.open_connection(address.host, address.port, limit=_READER_LIMIT_BYTES)
                 _set_nodelay(writer)
                 channel, remote_id = await _handshake(
-                    reader, writer, self._identity, hs.Role.INITIATOR, self._max_frame
+                    reader, writer, self._identity, hs.Role.INITIATOR, self._max_frame, self.swarm_key
                 )
         except TimeoutError:
             if writer is not None:

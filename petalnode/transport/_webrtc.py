@@ -47,6 +47,7 @@ from petalnode.errors import (
     TransportError,
 )
 from petalnode.identity import Identity, PeerAddress, PeerId
+from petalnode.swarm_key import SwarmKey
 from petalnode.transport import _webrtc_signing as signing
 from petalnode.transport._base import CONNECT_TIMEOUT_S, ConnectionConfig, ConnectionHandler
 from petalnode.transport._frames import HEADER_BYTES
@@ -272,8 +273,11 @@ class WebRTCTransport(TransportLifecycle):
         timeouts: Timeouts = DEFAULT_TIMEOUTS,
         relay_fallback: bool = True,
         direct: bool = True,
+        swarm_key: SwarmKey | None = None,
     ) -> None:
+        # swarm_key: a private swarm's key; offers, answers and relayed handshakes are bound to it.
         self._identity = identity
+        self.swarm_key = swarm_key
         self.relay_fallback = relay_fallback
         self.direct = direct
         self.signaler = signaler
@@ -339,7 +343,7 @@ class WebRTCTransport(TransportLifecycle):
             TransportError: we are not listening, too busy, or aiortc failed.
         """
         self._check_open()
-        remote_id = signing.verify_offer(offer, self.local_peer_id)
+        remote_id = signing.verify_offer(offer, self.local_peer_id, swarm_key=self.swarm_key)
         handler = self._handler
         if handler is None:
             raise TransportError("this node does not accept WebRTC connections")
@@ -367,7 +371,8 @@ class WebRTCTransport(TransportLifecycle):
                 raise HandshakeTimeoutError(f"answering an offer took over {self._handshake_timeout_s} s") from None
             raise
         self._tasks.spawn(self._finish_accept(pc, channel_future, remote_id, handler), name=f"accept {remote_id}")
-        return signing.sign(self._identity, kind=signing.ANSWER, sdp=sdp, receiver=remote_id, nonce=offer.nonce)
+        return signing.sign(self._identity, kind=signing.ANSWER, sdp=sdp, receiver=remote_id, nonce=offer.nonce,
+                            swarm_key=self.swarm_key)
 
     async def _finish_accept(
         self, pc: RTCPeerConnection, channel_future: asyncio.Future[_DataChannelFrames], remote_id: PeerId,
@@ -433,7 +438,8 @@ class WebRTCTransport(TransportLifecycle):
                 assert isinstance(self.signaler, RelaySignaler)
                 stream = await self.signaler.open_relay(address)
                 frames, remote_id = await secure_relayed(stream, self._identity, initiator=True,
-                                                         max_frame=self._max_frame, via=_relay_name(address))
+                                                         max_frame=self._max_frame, via=_relay_name(address),
+                                                         swarm_key=self.swarm_key)
         except TimeoutError:
             if stream is not None:
                 await stream.aclose()
@@ -467,7 +473,8 @@ class WebRTCTransport(TransportLifecycle):
         try:
             async with asyncio.timeout(self._handshake_timeout_s):
                 frames, remote_id = await secure_relayed(stream, self._identity, initiator=False,
-                                                         max_frame=self._max_frame, via=via)
+                                                         max_frame=self._max_frame, via=via,
+                                                         swarm_key=self.swarm_key)
         except TimeoutError:
             raise HandshakeTimeoutError(f"relayed handshake took over {self._handshake_timeout_s} s") from None
         connection = self._adopt(frames, initiator=False, remote_id=remote_id, remote_address=None)
@@ -491,9 +498,10 @@ class WebRTCTransport(TransportLifecycle):
                     frames = _DataChannelFrames(pc, pc.createDataChannel(_LABEL, ordered=True), self._max_frame)
                     await pc.setLocalDescription(await pc.createOffer())
                     offer = signing.sign(self._identity, kind=signing.OFFER, sdp=pc.localDescription.sdp,
-                                         receiver=address.peer_id)
+                                         receiver=address.peer_id, swarm_key=self.swarm_key)
                 answer = await self.signaler.exchange(address, offer)
-                remote_id = signing.verify_answer(answer, offer, self.local_peer_id, address.peer_id)
+                remote_id = signing.verify_answer(answer, offer, self.local_peer_id, address.peer_id,
+                                                     swarm_key=self.swarm_key)
                 with _map_errors(f"dialling {address}"):
                     await pc.setRemoteDescription(RTCSessionDescription(sdp=answer.sdp, type="answer"))
                 await frames.wait_open()
