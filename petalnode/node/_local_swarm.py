@@ -72,8 +72,11 @@ class LocalSwarm:
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
         workdir: Path | None = None,
+        swarm_key: Path | str | None = None,
     ) -> None:
+        # swarm_key: a key file; every process of this swarm (bootstrap and servers) gets `--swarm-key` with it.
         self.model = model
+        self.swarm_key = swarm_key
         self.spans = spans or []
         self.threads = threads
         self.extra_args = extra_args or []
@@ -94,6 +97,8 @@ class LocalSwarm:
         ready = self.workdir / f"{role}-{index}.ready"
         log_path = self.workdir / f"{role}-{index}.log"
         command = [sys.executable, "-m", "petalnode.cli", *args, "--ready-file", str(ready)]
+        if self.swarm_key is not None:
+            command += ["--swarm-key", str(self.swarm_key)]
         log_handle = open(log_path, "wb")  # closed below; the child keeps its copy
         process = subprocess.Popen(command, stdout=log_handle, stderr=subprocess.STDOUT, env=self.env,
                                    stdin=subprocess.DEVNULL)

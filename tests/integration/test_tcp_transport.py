@@ -16,9 +16,11 @@ from petalnode.errors import (
     ConnectTimeoutError,
     HandshakeError,
     PeerIdMismatchError,
+    SwarmKeyMismatchError,
     TransportError,
 )
 from petalnode.identity import Identity, PeerAddress, PeerId
+from petalnode.swarm_key import SwarmKey
 from petalnode.transport import Connection, EndOfStreamError, Stream, TcpTransport
 from petalnode.transport import _handshake as hs
 
@@ -184,3 +186,30 @@ async def _serve_forever() -> None:
 
 if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:
     asyncio.run(_serve_forever())
+
+
+@pytest.mark.parametrize("client_key", [None, SwarmKey(bytes(32))], ids=["no key", "other key"])
+async def test_private_swarm_only_key_holders_connect_and_the_listener_keeps_serving(
+    client_key: SwarmKey | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = SwarmKey(bytes(range(32)))
+    async with (
+        TcpTransport(Identity.generate(), swarm_key=key) as server,
+        TcpTransport(Identity.generate(), swarm_key=client_key) as outsider,
+        TcpTransport(Identity.generate(), swarm_key=key) as member,
+    ):
+        listener = await server.listen(EchoServer().handle)
+        with caplog.at_level(logging.WARNING, logger="petalnode.transport._tcp"):
+            with pytest.raises(SwarmKeyMismatchError):
+                await outsider.dial(listener.address, connect_timeout_s=5)
+            for _ in range(100):  # the server logs its side of the failure once its handshake task ends
+                if "swarm key" in caplog.text:
+                    break
+                await asyncio.sleep(0.02)
+        assert "does not hold our swarm key" in caplog.text
+        await roundtrip(member, listener.address)
+        # ... and a keyed node cannot dial into a public (or other) swarm's listener either.
+        async with TcpTransport(Identity.generate(), swarm_key=client_key) as other:
+            other_listener = await other.listen(EchoServer().handle)
+            with pytest.raises(SwarmKeyMismatchError):
+                await member.dial(other_listener.address, connect_timeout_s=5)

@@ -13,16 +13,24 @@ import time
 import pytest
 from aioice import stun
 
-from petalnode.errors import ConnectionClosedError, ConnectTimeoutError, PeerIdMismatchError, UnknownSessionError
+from petalnode.errors import (
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    HandshakeError,
+    PeerIdMismatchError,
+    UnknownSessionError,
+)
 from petalnode.identity import Identity, PeerAddress
 from petalnode.node import Node
 from petalnode.node._signaling import NatOptions, Signaling
 from petalnode.node._signaling_messages import WebRTCInfo, WebRTCInfoRequest
 from petalnode.rpc import RPC
+from petalnode.swarm_key import SwarmKey
 from petalnode.transport import ConnectionConfig, SignedDescription, StunServer, WebRTCTransport
 from petalnode.transport import _webrtc_signing as signing
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+KEY, OTHER_KEY = SwarmKey(bytes(range(32))), SwarmKey(bytes(32))
 
 
 class DirectSignaler:
@@ -275,4 +283,60 @@ async def test_node_behind_nat_registers_again_when_its_relay_connection_drops()
         await rpc.aclose()
         await transport.aclose()
         await behind.aclose()
+        await relay.aclose()
+
+
+@pytest.mark.parametrize(("dialler_key", "listener_key"), [(KEY, None), (None, KEY), (KEY, OTHER_KEY)],
+                         ids=["dialler keyed", "listener keyed", "different keys"])
+async def test_private_swarm_webrtc_only_between_holders_of_one_key(dialler_key, listener_key) -> None:
+    signaler = DirectSignaler()
+    a = WebRTCTransport(Identity.generate(), signaler=signaler, swarm_key=dialler_key)
+    b = WebRTCTransport(Identity.generate(), swarm_key=listener_key)
+    c = WebRTCTransport(Identity.generate(), signaler=signaler, swarm_key=listener_key)
+    accepted: asyncio.Queue = asyncio.Queue()
+
+    async def handler(connection) -> None:
+        await accepted.put(connection)
+
+    await b.listen(handler)
+    signaler.peers[b.local_peer_id] = b.accept_offer
+    address = PeerAddress("webrtc", "127.0.0.1", 9, b.local_peer_id)
+    try:
+        with pytest.raises(HandshakeError):  # the listener refuses the offer: no answer, no DTLS fingerprint
+            await a.dial(address, connect_timeout_s=5.0)
+        assert not a._connections and not a._pending and not b._pending and accepted.empty()
+        connection = await c.dial(address, connect_timeout_s=10.0)  # a holder of the listener's key connects
+        assert connection.remote_peer_id == b.local_peer_id
+        await connection.aclose()
+    finally:
+        await a.aclose()
+        await b.aclose()
+        await c.aclose()
+
+
+async def test_private_swarm_relay_dial_back_and_relayed_connection_are_keyed() -> None:
+    relay = Node(nat=NatOptions(mode="public"), swarm_key=KEY)
+    await relay.start()
+    auto = Node(bootstrap=[relay.address], nat=NatOptions(), swarm_key=KEY)
+    behind = Node(bootstrap=[relay.address], nat=NatOptions(mode="nat"), swarm_key=KEY)
+    member = Signaling(Identity.generate(), swarm_key=KEY)
+    member.webrtc.direct = False  # relay only: the keyed handshake inside the piped stream
+    outsider = Signaling(Identity.generate())
+    outsider.webrtc.direct = False
+    transports = [member.transport(), outsider.transport()]
+    try:
+        await auto.start()
+        assert auto.address.scheme == "tcp"  # the relay's dial-back reached it: the probe is keyed
+        await behind.start()
+        assert behind.address.scheme == "webrtc"
+        connection = await transports[0].dial(behind.address, connect_timeout_s=10.0)
+        assert member.webrtc.connection_paths()[behind.identity.peer_id].startswith("relayed via")
+        await connection.aclose()
+        with pytest.raises(HandshakeError):  # an outsider cannot even reach the relay (TCP handshake)
+            await transports[1].dial(behind.address, connect_timeout_s=5.0)
+    finally:
+        for transport in transports:
+            await transport.aclose()
+        await behind.aclose()
+        await auto.aclose()
         await relay.aclose()
