@@ -20,8 +20,9 @@ def add_status_parser(commands: argparse._SubParsersAction) -> None:
 def run_status(args: argparse.Namespace) -> int:
     from petalnode.compute import load_model_info
 
+    swarm_key = swarm_key_from_args(args)  # before loading the model: a bad key file fails at once
     info = load_model_info(args.model)
-    view = asyncio.run(_fetch(args.bootstrap, info.source.name, info.num_blocks, swarm_key_from_args(args)))
+    view = asyncio.run(_fetch(args.bootstrap, info.source.name, info.num_blocks, swarm_key))
     print(render_status(view, info.source.name, args.bootstrap[0]))
     return 0 if not view.uncovered_blocks() else 1
 

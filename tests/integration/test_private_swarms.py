@@ -157,3 +157,13 @@ def _kademlia_node(address: PeerAddress):
 
     assert address.peer_id is not None
     return Node(address.peer_id.raw, address.host, address.port)
+
+
+def test_a_bad_key_file_is_a_clear_error(tmp_path: Path) -> None:
+    loose = tmp_path / "loose.key"
+    SwarmKey.generate().save(loose)
+    loose.chmod(0o644)
+    result = _petalnode("bootstrap", "--listen", "127.0.0.1:0", "--swarm-key", str(loose))
+    assert result.returncode == 2 and "chmod 600" in result.stderr and "Traceback" not in result.stderr
+    result = _petalnode("status", "--bootstrap", "tcp://127.0.0.1:9", "--swarm-key", str(tmp_path / "none.key"))
+    assert result.returncode == 2 and "petalnode swarm-key" in result.stderr and "Traceback" not in result.stderr
