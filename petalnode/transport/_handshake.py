@@ -16,13 +16,16 @@
 #   decrypts nor can be forged, so an outsider learns no identity and gets no connection (SwarmKeyMismatchError
 #   on both sides). The wire is unchanged (same HELLO, same record format); without a key nothing differs at all.
 #
-# Which standard pattern this is, and what it promises (tests/unit/test_handshake.py checks each): SIGMA-I
-#   ("SIGn-and-MAc", identity protection for the initiator too; Krawczyk 2003, the pattern of IKEv2 and of TLS 1.3's
-#   signature authentication, RFC 8446 section 4.4.3), with the MAC of SIGMA carried by the AEAD tag of the
-#   encrypted proof: key confirmation (a proof only opens under the right keys), identity binding and no
-#   unknown-key-share (the signature covers TH and the signer's own key; the peer id is the hash of that key),
-#   no replay into another session (fresh ephemerals change TH), no reflection (role byte), and resistance to
-#   key-compromise impersonation (a stolen key of A signs only as A; impersonating B to A needs B's key).
+# Which standard pattern this is, and what it promises (tests/unit/test_handshake.py checks each): SIGMA
+#   ("SIGn-and-MAc", Krawczyk, CRYPTO 2003; the pattern of IKEv2 and of TLS 1.3's CertificateVerify + Finished,
+#   RFC 8446 section 4.4), with SIGMA's MAC carried by the AEAD tag of the encrypted proof: key confirmation (a
+#   proof only opens under the right keys), identity binding and no unknown-key-share (the signature covers TH and
+#   the signer's own key; the peer id is the hash of that key; the AEAD binds both to the session key), no replay
+#   into another session (fresh ephemerals change TH), no reflection (role byte; keys are also per direction), and
+#   resistance to key-compromise impersonation (a stolen key of A signs only as A; posing as B to A needs B's key).
+#   One difference from SIGMA-I: both proofs are sent at once, so identities are hidden from onlookers but not from
+#   an active attacker who answers a dial (peer ids are public in the DHT anyway); with a swarm key the proof keys
+#   need the PSK, so an outsider learns no identity even then.
 # Records: u32 big-endian ciphertext length | ChaCha20-Poly1305(key of the direction, nonce = 4 zero bytes |
 #   u64 big-endian counter, aad = the length prefix) (RFC 8439). Counters start at 0 per direction and never
 #   repeat; a record that fails authentication, arrives out of order or is over the size limit is fatal.
