@@ -15,6 +15,7 @@ from petalnode.dht._node import RECORD_TTL_S, DHTNode
 from petalnode.dht._protocol import RPC_TIMEOUT_S
 from petalnode.errors import ConfigError
 from petalnode.identity import Identity
+from petalnode.swarm_key import SwarmKey
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -33,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rpc-timeout", type=float, default=RPC_TIMEOUT_S)
     parser.add_argument("--ttl", type=float, default=RECORD_TTL_S)
     parser.add_argument("--seed", default=None, help="deterministic identity seed (tests only)")
+    parser.add_argument("--swarm-key", default=None, metavar="FILE", help="private swarm key file")
     return parser
 
 
@@ -42,7 +44,9 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    node = DHTNode(identity, client_mode=args.client, rpc_timeout_s=args.rpc_timeout, record_ttl_s=args.ttl)
+    swarm_key = SwarmKey.load(args.swarm_key) if args.swarm_key else None
+    node = DHTNode(identity, client_mode=args.client, rpc_timeout_s=args.rpc_timeout, record_ttl_s=args.ttl,
+                   swarm_key=swarm_key)
     await node.start(listen=args.listen, bootstrap=args.bootstrap)
     async with node:
         if args.announce:
