@@ -79,18 +79,20 @@ async def test_colluders_nearest_the_key_capture_one_path_but_not_two() -> None:
 
 
 class InventingNetwork:
-    """Every answer lists fresh, ever closer invented ids (all of which answer): an endless lookup without a bound."""
+    """Every answer lists fresh invented ids (all of which answer), each nearer the key than any before it."""
 
     def __init__(self, key: bytes) -> None:
         self._wait_timeout = 1.0
-        self.key, self.queries, self.rng = int.from_bytes(key, "big"), 0, random.Random(0)
-        self.scale = 2**150
+        self.key, self.queries = int.from_bytes(key, "big"), 0
+        self.distance = 2**159  # shrinks by 10% per id: about 1,000 ids (200 answers) before they reach the key
 
     async def call_find_node(self, peer: Node, target: Node) -> tuple[bool, Any]:
         self.queries += 1
         await asyncio.sleep(0)
-        self.scale = max(1, self.scale * 15 // 16)  # about 1,700 answers before ids repeat
-        fresh = [(self.key ^ self.rng.randrange(self.scale)).to_bytes(20, "big") for _ in range(KSIZE)]
+        fresh = []
+        for _ in range(KSIZE):
+            self.distance = max(1, self.distance * 9 // 10)
+            fresh.append((self.key ^ self.distance).to_bytes(20, "big"))
         return True, [(i, "h", 1) for i in fresh]
 
 
