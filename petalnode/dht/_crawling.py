@@ -14,9 +14,10 @@
 # colluders, the union of d paths only if there are d*k of them (or they sit on every path's route).
 #
 # Invariants: every record in `found` passed `Record.verify` at the crawl's wall-clock time; a record is verified
-# at most once per (writer, seq) however many nodes return it; no node is queried twice in one crawl; each path
-# sends at most MAX_QUERIES_PER_PATH_PER_K * k queries (contacts are free to invent: an endless supply of ever
-# closer ids must not make a lookup endless).
+# at most once per (writer, seq) however many nodes return it; no node is queried twice in one crawl; one address
+# (host, port) stands for one node id in a crawl (the first id seen there: ids are claimed, not proven); each
+# path sends at most MAX_QUERIES_PER_PATH_PER_K * k queries (contacts are free to invent: an endless supply of
+# ever closer ids must not make a lookup endless).
 from __future__ import annotations
 
 import asyncio
@@ -45,13 +46,18 @@ class _IndexedNodeHeap(NodeHeap):
     and a removed node stays out for the rest of the lookup.
     """
 
-    def __init__(self, node: Node, maxsize: int) -> None:
+    def __init__(self, node: Node, maxsize: int, *, addresses: dict[tuple[str, int], bytes] | None = None) -> None:
         super().__init__(node, maxsize)
         self._ids: set[bytes] = set()
         self._removed: set[bytes] = set()
+        # Shared by a lookup's paths: the first id seen at each address. Node ids in datagrams are claims nobody
+        # proves, so one socket could otherwise answer as any number of ids ground next to the key.
+        self._addresses = addresses
 
     def push(self, nodes: Node | list[Node]) -> None:
         for node in nodes if isinstance(nodes, list) else [nodes]:
+            if self._addresses is not None and self._addresses.setdefault((node.ip, node.port), node.id) != node.id:
+                continue
             if node.id not in self._ids and node.id not in self._removed:
                 self._ids.add(node.id)
                 heapq.heappush(self.heap, (self.node.distance_to(node), node))
@@ -88,7 +94,8 @@ class _AsyncAlphaMixin:
         super().__init__(protocol, node, [], ksize, alpha)  # type: ignore[call-arg]
         if type(paths) is not int or paths < 1:
             raise ConfigError(f"a lookup needs at least one path, got {paths!r}")
-        self.paths = [_IndexedNodeHeap(node, ksize) for _ in range(paths)]
+        addresses: dict[tuple[str, int], bytes] = {}
+        self.paths = [_IndexedNodeHeap(node, ksize, addresses=addresses) for _ in range(paths)]
         # S/Kademlia: the initiator's k closest contacts are distributed over the d paths (closest first, dealt).
         for index, peer in enumerate(sorted(peers, key=node.distance_to)):
             self.paths[index % paths].push(peer)
