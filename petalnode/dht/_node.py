@@ -117,10 +117,11 @@ class DHTNode:
 
     Against colluding nodes placed next to a key (ids are free to generate), lookups and stores use
     `disjoint_paths` disjoint paths, never stop at the first (possibly empty or stale) answer, and keep the newest
-    signed record per writer. Not defended: colluders that outnumber paths * k among the nodes nearest a key, or
-    sit on every path; a victim whose routing table is all colluders (eclipse at bootstrap); node ids claimed in
-    datagrams are not proven (an attacker need not even grind them), and making ids costly (S/Kademlia's crypto
-    puzzles) is not done.
+    signed record per writer; one address counts as one node id per lookup. Not defended: colluders that
+    outnumber paths * k among the nodes nearest a key, or sit on every path; a victim whose routing table is all
+    colluders (eclipse at bootstrap); replays of a writer's older record while it is unexpired, where no holder of
+    the newer one is reached; node ids claimed in datagrams are not proven (an attacker need not even grind them,
+    only open one socket per id), and making ids costly (S/Kademlia's crypto puzzles) is not done.
     """
 
     def __init__(

@@ -37,7 +37,8 @@ SERVERS = 6
 KSIZE = 6
 COLLUDERS_PER_KEY = KSIZE + 3
 RPC_TIMEOUT_S = 0.4
-# Measured 0.1-0.4 s for the whole swarm view (both keys) on 2 shared cores; colluders answer at once.
+# Measured 0.01-0.02 s for the whole swarm view (both keys) on 2 shared cores: every contact answers at once;
+# the bound leaves room for a loaded CI machine, and would catch a lookup stalling on timeouts.
 VIEW_BOUND_S = 5.0
 
 
