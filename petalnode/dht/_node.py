@@ -9,6 +9,10 @@
 #   re-publishes other peers' records forever) is never started.
 # - Record expiry uses the injected `wall_clock` (absolute time crosses machines); everything else uses the
 #   event loop's clock, so a virtual-time loop drives the whole node.
+# - Lookups and stores both run over `disjoint_paths` disjoint paths (`_crawling`), seeded with that many times k
+#   contacts, and a store writes to every node the paths end at (up to paths * k), so a reader's paths meet the
+#   writer's even when the k nodes nearest the key are colluders that drop records (issue 13; what this does not
+#   cover is listed in `DHTNode`'s docstring).
 from __future__ import annotations
 
 import asyncio
@@ -49,6 +53,9 @@ BUCKET_REFRESH_INTERVAL_S = 600.0
 MAX_CONCURRENT_LOOKUPS = 8
 KSIZE = 20
 ALPHA = 3
+# S/Kademlia's d. Two paths double the nodes a lookup asks and a store writes to (measured in
+# benchmarks/dht_lookup.py --compare-paths); an attacker then needs 2k colluders nearest a key, not k, to hide it.
+DISJOINT_PATHS = 2
 
 EndpointFactory = Callable[..., Awaitable[tuple[asyncio.DatagramTransport, asyncio.DatagramProtocol]]]
 Address = tuple[str, int]
@@ -108,6 +115,14 @@ class DHTNode:
 
     Use as `node = DHTNode(identity); await node.start(listen=..., bootstrap=[...])` then `await node.aclose()`,
     or `async with DHTNode(identity) as node:` (starts with defaults: loopback, port 0, no bootstrap).
+
+    Against colluding nodes placed next to a key (ids are free to generate), lookups and stores use
+    `disjoint_paths` disjoint paths, never stop at the first (possibly empty or stale) answer, and keep the newest
+    signed record per writer; one address counts as one node id per lookup. Not defended: colluders that
+    outnumber paths * k among the nodes nearest a key, or sit on every path; a victim whose routing table is all
+    colluders (eclipse at bootstrap); replays of a writer's older record while it is unexpired, where no holder of
+    the newer one is reached; node ids claimed in datagrams are not proven (an attacker need not even grind them,
+    only open one socket per id), and making ids costly (S/Kademlia's crypto puzzles) is not done.
     """
 
     def __init__(
@@ -126,8 +141,11 @@ class DHTNode:
         max_record_ttl_s: float = MAX_RECORD_TTL_S,
         max_clock_skew_s: float = MAX_CLOCK_SKEW_S,
         swarm_key: SwarmKey | None = None,
+        disjoint_paths: int = DISJOINT_PATHS,
     ) -> None:
         # swarm_key: a private swarm's key; every datagram is sealed under it (see _sealing.py).
+        if type(disjoint_paths) is not int or disjoint_paths < 1:
+            raise ConfigError(f"disjoint_paths must be an int >= 1, got {disjoint_paths!r}")
         if not 0 < record_ttl_s <= max_record_ttl_s:
             raise ConfigError(f"record_ttl_s must be in (0, {max_record_ttl_s}], got {record_ttl_s}")
         # rpc_timeout_s / lookup_timeout_s override `timeouts.dht_rpc` / `dht_lookup` (kept for callers).
@@ -138,6 +156,7 @@ class DHTNode:
             raise ConfigError(f"rpc_timeout_s must be positive, got {rpc_timeout_s}")
         self.identity = identity
         self.client_mode = client_mode
+        self.disjoint_paths = disjoint_paths
         self.record_ttl_s = record_ttl_s
         self.lookup_timeout_s = timeouts.dht_lookup if lookup_timeout_s is None else lookup_timeout_s
         self.bootstrap_timeout_s = timeouts.dht_bootstrap
@@ -314,18 +333,20 @@ class DHTNode:
         async with self._limit:
             keynode = Node(record.key)
             accepted = 0
-            nearest = self.protocol.router.find_neighbors(keynode)
+            nearest = self._seeds(keynode)
             nodes: list[Node] = []
             if nearest:
-                crawl = FastNodeSpiderCrawl(self.protocol, keynode, nearest, self._server.ksize, self._server.alpha)
+                crawl = FastNodeSpiderCrawl(
+                    self.protocol, keynode, nearest, self._server.ksize, self._server.alpha, paths=self.disjoint_paths
+                )
                 try:
                     async with timeout_scope(self.lookup_timeout_s, DHTTimeoutError, "DHT store lookup timed out"):
                         nodes = await crawl.find()
                 except DHTTimeoutError:
-                    nodes = list(crawl.nearest)
+                    nodes = crawl.closest()
                     log.warning("DHT store lookup timed out; storing on the %d nodes found", len(nodes))
             if not self.client_mode and (
-                len(nodes) < self._server.ksize
+                len(nodes) < self._server.ksize * self.disjoint_paths
                 or self._server.node.distance_to(keynode) < max(n.distance_to(keynode) for n in nodes)
             ):
                 with contextlib.suppress(DHTError):
@@ -350,11 +371,22 @@ class DHTNode:
         found = await asyncio.gather(*(self.get(key) for key in keys))
         return dict(zip(keys, found, strict=True))
 
+    def _seeds(self, keynode: Node) -> list[Node]:
+        # Each path starts from k of our own contacts (S/Kademlia): with fewer, the colluders nearest the key are
+        # all a path ever hears of, since every answer lists only the k contacts nearest the key.
+        return self.protocol.router.find_neighbors(keynode, k=self._server.ksize * self.disjoint_paths)
+
     async def _get(self, key: bytes) -> dict[PeerId, Record]:
         keynode = Node(key)
-        nearest = self.protocol.router.find_neighbors(keynode)
+        nearest = self._seeds(keynode)
         crawl = RecordSpiderCrawl(
-            self.protocol, keynode, nearest, self._server.ksize, self._server.alpha, verify=self._verify
+            self.protocol,
+            keynode,
+            nearest,
+            self._server.ksize,
+            self._server.alpha,
+            verify=self._verify,
+            paths=self.disjoint_paths,
         )
         crawl.merge(self.storage.records(key))
         if nearest:
