@@ -108,7 +108,10 @@ class Flood:
             deadline = time.monotonic() + self.args.duration
             slots = [asyncio.create_task(self.slot(rpc, s, deadline)) for s in streams]
             stdin_closed = asyncio.create_task(_stdin_closed())
-            _, _ = await asyncio.wait([asyncio.gather(*slots), stdin_closed], return_when=asyncio.FIRST_COMPLETED)
+            pending: set[asyncio.Task] = set(slots)
+            while pending and not stdin_closed.done():  # each pass ends at least one task
+                _, pending = await asyncio.wait({*pending, stdin_closed}, return_when=asyncio.FIRST_COMPLETED)
+                pending.discard(stdin_closed)
             for task in [*slots, stdin_closed]:
                 task.cancel()
             await asyncio.gather(*slots, stdin_closed, return_exceptions=True)
