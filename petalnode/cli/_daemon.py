@@ -40,8 +40,28 @@ def add_daemon_parsers(commands: argparse._SubParsersAction) -> None:
                       help="LoRA adapters to serve (PEFT format, safetensors): adapter directories or hub ids already "
                            "in the local Hugging Face cache; NAME=PATH sets the name clients select it by (default: "
                            "the directory name or the hub id)")
+    _fair_share_flags(join)
     _common(join)
     join.set_defaults(run=run_join)
+
+
+def _fair_share_flags(join: argparse.ArgumentParser) -> None:
+    from petalnode.node import FairShareLimits
+
+    d = FairShareLimits()
+    fair = join.add_argument_group("fair shares", "what one peer (one peer id) may hold of this server at once; a "
+                                   "peer over its share is told \"busy\" and its client uses another server")
+    fair.add_argument("--peer-sessions", type=int, default=d.max_sessions, metavar="N",
+                      help=f"open inference sessions per peer (default {d.max_sessions})")
+    fair.add_argument("--peer-cache-share", type=float, default=d.max_cache_share, metavar="FRACTION",
+                      help="share of the KV cache one peer may hold beyond its first session (default "
+                           f"{d.max_cache_share})")
+    fair.add_argument("--peer-requests-per-s", type=float, default=d.requests_per_s, metavar="RATE",
+                      help=f"RPC calls per second per peer, on average (default {d.requests_per_s:g})")
+    fair.add_argument("--peer-request-burst", type=float, default=d.request_burst, metavar="N",
+                      help=f"calls a quiet peer may make at once (default {d.request_burst:g})")
+    fair.add_argument("--no-fair-share", action="store_true",
+                      help="no per-peer limits or compute turns: first come, first served")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -122,17 +142,21 @@ def run_bootstrap(args: argparse.Namespace) -> int:
 
 def run_join(args: argparse.Namespace) -> int:
     from petalnode.compute import configure_threads, parse_size
-    from petalnode.node import Node, ServeOptions, parse_span
+    from petalnode.node import FairShareLimits, Node, ServeOptions, parse_span
 
     vram = parse_size(args.vram) if args.vram else None
     blocks = parse_span(args.blocks) if args.blocks else None
     if args.num_blocks is not None and args.num_blocks < 1:
         raise ConfigError("--num-blocks must be at least 1")
+    fair_share = None if args.no_fair_share else FairShareLimits(
+        max_sessions=args.peer_sessions, max_cache_share=args.peer_cache_share,
+        requests_per_s=args.peer_requests_per_s, request_burst=args.peer_request_burst)
     configure_threads(args.threads)
     progress_bar = _ProgressBar()
     options = ServeOptions(model=args.model, vram_bytes=vram, num_blocks=args.num_blocks, blocks=blocks,
                            public_name=args.public_name, dtype=args.dtype, device=args.device,
-                           rebalance_period_s=args.rebalance_period or None, adapters=tuple(args.adapters))
+                           rebalance_period_s=args.rebalance_period or None, adapters=tuple(args.adapters),
+                           fair_share=fair_share)
     node = Node(**_node_kwargs(args), bootstrap=args.bootstrap, serve=options, progress=progress_bar.update)
 
     def ready(node: Node) -> None:

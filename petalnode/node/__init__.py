@@ -10,6 +10,7 @@ from petalnode import _lazy
 from petalnode.node._backend import ComputeBackend, InlineExecutor, LoraCapableBackend, TorchBackend
 from petalnode.node._bans import BanList
 from petalnode.node._executor import PRIORITY_BULK, PRIORITY_INFERENCE, ComputeExecutor
+from petalnode.node._fair_share import FairShareLimits
 from petalnode.node._local_swarm import LocalSwarm, SwarmProcess, parse_span
 from petalnode.node._node import DEFAULT_RECORD_TTL_S, Node, NodeState, ServeOptions
 from petalnode.node._placement import choose_blocks, should_move
@@ -31,6 +32,7 @@ __all__ = [
     "BlockServer",
     "ComputeBackend",
     "ComputeExecutor",
+    "FairShareLimits",
     "HostedSpan",
     "InlineExecutor",
     "LocalSwarm",

@@ -34,7 +34,7 @@ class ComputeBackend(Protocol):
     def throughput(self, info: Any, span: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> float: ...
 
     def executor(self) -> Any:
-        """An object with `async run(fn, *, priority)` and `close()`."""
+        """An object with `async run(fn, *, priority, peer)` and `close()` (`peer`: whose job, for fair turns)."""
         ...
 
     def choose(self, device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]: ...
@@ -123,7 +123,7 @@ def split_adapter_spec(spec: str) -> tuple[str | None, str]:
 class InlineExecutor:
     """Runs compute directly on the event loop: for stand-in compute that costs microseconds (simulator)."""
 
-    async def run(self, fn: Callable[[], T], *, priority: int = 0) -> T:
+    async def run(self, fn: Callable[[], T], *, priority: int = 0, peer: object = None) -> T:
         return fn()
 
     def close(self) -> None:

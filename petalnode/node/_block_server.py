@@ -4,6 +4,9 @@ Invariants:
 - Every request is checked before any compute: model name, block range inside the hosted span, tensor shape
   and size. Bad requests get `BadRequestError`; a full cache gets `OutOfCacheMemoryError`; a full compute
   queue gets `BusyError`. None of them costs the server anything but the reply.
+- With fair shares on (a `FairShareLedger`), every call is first counted against its peer's request rate, a
+  session open against the peer's session count and cache share (node/_fair_share.py), and compute jobs are
+  queued per peer, peers taking turns (node/_fair_queue.py). A peer over its share gets `BusyError`.
 - A session lives exactly as long as its stream: when the client closes it, vanishes, or the stream fails,
   the session's cache is freed. Sessions idle past the idle timeout are closed by the owner's upkeep task.
 - Compute runs on the `ComputeExecutor` thread; this module only awaits it. Inference steps run at a higher
@@ -17,6 +20,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -29,6 +33,7 @@ from petalnode.codecs import TensorCodec
 from petalnode.compute import SessionManager, span_backward, span_forward
 from petalnode.errors import BadRequestError, BusyError, ComputeError, InvalidStateError
 from petalnode.node._executor import PRIORITY_BULK, PRIORITY_INFERENCE, ComputeExecutor
+from petalnode.node._fair_share import FairShareLedger
 from petalnode.node._protocol import (
     BackwardRequest,
     BackwardResult,
@@ -74,8 +79,11 @@ class BlockServer:
         executor: ComputeExecutor,
         *,
         first_message_timeout_s: float | None = FIRST_MESSAGE_TIMEOUT_S,
+        fair_share: FairShareLedger | None = None,
     ) -> None:
+        """`fair_share`: per-peer limits and compute turns (None: first come, first served)."""
         self.hosted = hosted
+        self.fair_share = fair_share
         self.first_message_timeout_s = first_message_timeout_s
         self.sessions = sessions
         self.executor = executor
@@ -140,7 +148,15 @@ class BlockServer:
 
         return functools.partial(active_adapter, name)
 
+    def _admit_call(self, context: CallContext) -> object:
+        """Count the call against its peer's rate; returns the key its compute jobs queue under."""
+        if self.fair_share is None:
+            return None
+        self.fair_share.check_request(context.remote_peer_id)
+        return context.remote_peer_id
+
     async def rpc_info(self, request: InfoRequest, context: CallContext) -> ServerInfo:
+        self._admit_call(context)
         hosted = self.hosted
         return ServerInfo(
             model=hosted.model, start_block=hosted.start, end_block=hosted.end, throughput=hosted.throughput,
@@ -148,6 +164,7 @@ class BlockServer:
         )
 
     async def rpc_forward(self, request: ForwardRequest, context: CallContext) -> ForwardResult:
+        peer = self._admit_call(context)
         span = self._check_range(request.model, request.start_block, request.end_block)
         hidden = request.hidden
         self._check_hidden(hidden)
@@ -159,9 +176,10 @@ class BlockServer:
             with adapter():
                 return span_forward(span, hidden.to(self.hosted.dtype), prompts)
 
-        return ForwardResult(hidden=await self._run_bulk(run))
+        return ForwardResult(hidden=await self._run_bulk(run, peer))
 
     async def rpc_backward(self, request: BackwardRequest, context: CallContext) -> BackwardResult:
+        peer = self._admit_call(context)
         span = self._check_range(request.model, request.start_block, request.end_block)
         hidden, grad_output = request.hidden, request.grad_output
         self._check_hidden(hidden)
@@ -180,13 +198,13 @@ class BlockServer:
             with adapter():
                 return span_backward(span, hidden.to(self.hosted.dtype), grad_output, prompts)
 
-        grad_hidden, grad_prompts = await self._run_bulk(run)
+        grad_hidden, grad_prompts = await self._run_bulk(run, peer)
         return BackwardResult(grad_hidden=grad_hidden, grad_prompts=grad_prompts)
 
-    async def _run_bulk(self, fn: Callable[[], T]) -> T:
+    async def _run_bulk(self, fn: Callable[[], T], peer: object) -> T:
         """Forward/backward work: queued behind inference steps; compute errors become bad requests."""
         try:
-            return await self.executor.run(fn, priority=PRIORITY_BULK)
+            return await self.executor.run(fn, priority=PRIORITY_BULK, peer=peer)
         except (ComputeError, InvalidStateError) as e:
             raise BadRequestError(str(e)) from e
 
@@ -194,6 +212,7 @@ class BlockServer:
         opening = await stream.receive(timeout_s=self.first_message_timeout_s)
         if not isinstance(opening, OpenInference):
             raise BadRequestError("an inference stream must start with OpenInference")
+        peer = self._admit_call(context)
         if self._draining:
             raise BusyError("server is leaving; use another server")
         span = self._check_range(opening.model, opening.start_block, opening.end_block)
@@ -206,7 +225,20 @@ class BlockServer:
                                       opening.max_length)
         adapter = self._adapter(opening.adapter)
         sessions = self.sessions
-        session = sessions.open(opening.max_length, batch_size=opening.batch_size, span=span, prompts=prompts)
+        grant = None
+        if self.fair_share is not None:
+            # Cache tokens at batch 1 over the whole hosted span (what `free_tokens` and the announcement count).
+            hosted_blocks = self.hosted.end - self.hosted.start
+            tokens = math.ceil(opening.batch_size * opening.max_length * (opening.end_block - opening.start_block)
+                               / hosted_blocks)
+            capacity = sessions.cache_budget_bytes // sessions.kv_bytes_per_token
+            grant = self.fair_share.admit_session(context.remote_peer_id, tokens=tokens, capacity_tokens=capacity)
+        try:
+            session = sessions.open(opening.max_length, batch_size=opening.batch_size, span=span, prompts=prompts)
+        except BaseException:
+            if grant is not None:
+                self.fair_share.release(grant)
+            raise
         log.info("session %s from %s: blocks %d:%d, max_length %d", session.session_id, context.remote_peer_id,
                  opening.start_block, opening.end_block, opening.max_length)
         try:
@@ -219,6 +251,7 @@ class BlockServer:
                     # Hand the session back: the client replays it elsewhere (no step is lost or half-done).
                     raise BusyError("server is leaving or moving to other blocks; continue elsewhere")
                 self._check_hidden(step.hidden, opening.batch_size)
+                self._admit_call(context)
                 sessions.get(session.session_id)  # touch: the session is in use
 
                 def run(step: InferenceStep = step) -> torch.Tensor:
@@ -229,7 +262,7 @@ class BlockServer:
                 self._idle.clear()
                 try:
                     try:
-                        hidden = await self.executor.run(run, priority=PRIORITY_INFERENCE)
+                        hidden = await self.executor.run(run, priority=PRIORITY_INFERENCE, peer=peer)
                     except (ComputeError, InvalidStateError) as e:
                         raise BadRequestError(str(e)) from e
                     self.steps_served += 1
@@ -241,6 +274,8 @@ class BlockServer:
                         self._idle.set()
         finally:
             sessions.close(session.session_id)
+            if grant is not None:
+                self.fair_share.release(grant)
 
     # -- leaving and moving -------------------------------------------------------------------------------
     def start_draining(self) -> None:

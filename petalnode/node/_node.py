@@ -25,7 +25,7 @@ import random
 import socket
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from petalnode import __version__
@@ -36,6 +36,7 @@ from petalnode.dht import MAX_ADAPTERS, Announcement, DHTNode, ServerState, bloc
 from petalnode.errors import ClosedResourceError, ConfigError, DHTError, DHTTimeoutError, InvalidStateError
 from petalnode.identity import Identity, PeerAddress
 from petalnode.node._backend import ComputeBackend, LoraCapableBackend, TorchBackend, split_adapter_spec
+from petalnode.node._fair_share import FairShareLedger, FairShareLimits
 from petalnode.node._placement import choose_blocks, join_recheck_waits, rebalance_target
 from petalnode.node._signaling import NatOptions, Signaling
 from petalnode.node._swarm import fetch_swarm
@@ -90,6 +91,8 @@ class ServeOptions:
         adapters: LoRA adapters to serve, each `PATH_OR_HUB_ID` or `NAME=PATH_OR_HUB_ID` (PEFT format,
             safetensors; hub ids only from the local cache); loaded for the hosted blocks, reloaded on a move,
             and announced by name.
+        fair_share: per-peer limits on sessions, cache share and request rate, plus per-peer compute turns
+            (node/_fair_share.py); None serves first come, first served.
     """
 
     model: str | None = None
@@ -106,6 +109,7 @@ class ServeOptions:
     drain_timeout_s: float = 10.0
     seed: int | None = None
     adapters: tuple[str, ...] = ()
+    fair_share: FairShareLimits | None = field(default_factory=FairShareLimits)
 
 
 class Node:
@@ -338,8 +342,10 @@ class Node:
         self.hosted, self._sessions = hosted, sessions
         from petalnode.node._block_server import BlockServer
 
+        ledger = (FairShareLedger(options.fair_share, clock=asyncio.get_running_loop().time)
+                  if options.fair_share is not None else None)
         self._server = BlockServer(hosted, sessions, self._executor,
-                                   first_message_timeout_s=self.timeouts.first_message)
+                                   first_message_timeout_s=self.timeouts.first_message, fair_share=ledger)
         self._server.register(self.rpc)
         await self._announce_online(hosted, sessions)
         self._tasks.spawn(self._sweep_idle_sessions(), name="sweep-idle-sessions")

@@ -28,6 +28,7 @@ from petalnode.node._signaling_messages import (
     WebRTCInfo,
     WebRTCInfoRequest,
 )
+from petalnode.node._token_bucket import TokenBucket
 from petalnode.rpc import RPC, CallContext, RPCStream
 from petalnode.swarm_key import SwarmKey
 from petalnode.transport import Connection, RelayData, SignedDescription, TcpTransport, WebRTCTransport
@@ -44,43 +45,6 @@ MAX_RELAYED = 64
 # global rate keeps it useless for that (honest nodes register once per relay connection).
 DIAL_BACKS_PER_S = 2.0
 DIAL_BACK_BURST = 10.0
-
-
-class TokenBucket:
-    """At most `rate` units per second on average, with bursts of up to `burst` units (awaits when empty).
-
-    Args:
-        rate: units refilled per second.
-        burst: the most units that can be taken at once after a quiet period (the bucket starts full).
-        clock: a monotonic clock in seconds; None means the running loop's `time()` (so a virtual-time loop
-            controls it). `reserve` is pure given the clock, which is what the unit tests drive.
-    """
-
-    def __init__(self, rate: float, burst: float, *, clock: Callable[[], float] | None = None) -> None:
-        if rate <= 0 or burst <= 0:
-            raise ValueError(f"rate and burst must be positive, got rate={rate} burst={burst}")
-        self.rate = rate
-        self.burst = burst
-        self._clock = clock
-        self._tokens = burst
-        self._at: float | None = None
-
-    def _now(self) -> float:
-        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
-
-    def reserve(self, amount: float) -> float:
-        """Take `amount` units now and return how many seconds the caller must wait before using them."""
-        now = self._now()
-        if self._at is not None:
-            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
-        self._at = now
-        self._tokens -= amount  # may go negative: the debt is paid by waiting
-        return max(0.0, -self._tokens / self.rate)
-
-    async def take(self, amount: float) -> None:
-        delay_s = self.reserve(amount)
-        if delay_s > 0:
-            await asyncio.sleep(delay_s)
 
 
 class RelayServer:

@@ -60,7 +60,7 @@ class _StallingExecutor(InlineExecutor):
     def __init__(self, stalled: Callable[[], bool]) -> None:
         self._stalled = stalled
 
-    async def run(self, fn, *, priority=0):  # type: ignore[no-untyped-def]
+    async def run(self, fn, *, priority=0, peer=None):  # type: ignore[no-untyped-def]
         if self._stalled():
             await asyncio.sleep(3600)
         return fn()

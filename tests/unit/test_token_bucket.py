@@ -1,4 +1,4 @@
-"""TokenBucket (node/_relay_server.py): the relay's bandwidth cap and dial-back rate limit, on an injected clock."""
+"""TokenBucket (node/_token_bucket.py): the relay's bandwidth cap and dial-back rate, the per-peer request rate."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from petalnode.node._relay_server import TokenBucket
+from petalnode.node._token_bucket import TokenBucket
 from simulations._virtual_loop import run
 
 
@@ -66,3 +66,26 @@ def test_take_waits_the_reserved_time_on_the_loop_clock() -> None:
     after_burst, total = run(scenario())
     assert after_burst == 0.0
     assert total == pytest.approx(0.5)
+
+
+def test_try_take_takes_all_or_nothing_and_never_runs_into_debt() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(rate=2.0, burst=3.0, clock=clock)
+    assert [bucket.try_take(1.0) for _ in range(4)] == [True, True, True, False]
+    assert not bucket.try_take(1.0)  # refusals cost nothing, so they do not push the next success further out
+    clock.now += 0.5  # one unit back
+    assert bucket.try_take(1.0)
+    assert not bucket.try_take(1.0)
+    assert not bucket.full
+    clock.now += 10.0
+    assert bucket.full
+
+
+def test_a_clock_running_backwards_refills_nothing() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(rate=10.0, burst=10.0, clock=clock)
+    assert bucket.try_take(10.0)
+    clock.now -= 5.0
+    assert not bucket.try_take(1.0)
+    clock.now += 5.0  # back where it was: still nothing has been earned
+    assert not bucket.try_take(1.0)
