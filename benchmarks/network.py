@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -130,15 +131,11 @@ async def plain_server() -> asyncio.Server:
     return await asyncio.start_server(handle, "127.0.0.1", 0, limit=MIB)
 
 
-async def measure_plain(port: int, calls: int, sizes: dict[int, int]) -> dict[str, Any]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=MIB)
-
-    async def send(payload: bytes, reply: bool) -> None:
-        writer.write(len(payload).to_bytes(4, "big") + (b"\x01" if reply else b"\x00") + payload)
-        await writer.drain()
-        if reply:
-            await reader.readexactly(9)
-
+async def time_round_trips_and_bulk(
+    send: Callable[[bytes, bool], Awaitable[None]], calls: int, sizes: dict[int, int], *, rtt_key: str, bulk_key: str
+) -> dict[str, Any]:
+    """Median/p99 round trip of a small message (after 20 warm-ups), then MiB/s of each payload size pipelined
+    with one reply at the end. `send(payload, reply)` returns once the reply (if asked for) is in."""
     small = os.urandom(40)
     for _ in range(20):
         await send(small, True)
@@ -148,15 +145,28 @@ async def measure_plain(port: int, calls: int, sizes: dict[int, int]) -> dict[st
         await send(small, True)
         rtts.append(time.perf_counter() - start)
     result: dict[str, Any] = {
-        "rpc_rtt_median_us": round(statistics.median(rtts) * 1e6, 1),
-        "rpc_rtt_p99_us": round(percentile(rtts, 0.99) * 1e6, 1),
+        f"{rtt_key}_median_us": round(statistics.median(rtts) * 1e6, 1),
+        f"{rtt_key}_p99_us": round(percentile(rtts, 0.99) * 1e6, 1),
     }
     for size, count in sizes.items():
         payload = os.urandom(size)
         start = time.perf_counter()
         for i in range(count):
             await send(payload, i == count - 1)
-        result[f"stream_{size // MIB}mib_mib_per_s"] = round(size * count / MIB / (time.perf_counter() - start), 1)
+        result[f"{bulk_key}_{size // MIB}mib_mib_per_s"] = round(size * count / MIB / (time.perf_counter() - start), 1)
+    return result
+
+
+async def measure_plain(port: int, calls: int, sizes: dict[int, int]) -> dict[str, Any]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=MIB)
+
+    async def send(payload: bytes, reply: bool) -> None:
+        writer.write(len(payload).to_bytes(4, "big") + (b"\x01" if reply else b"\x00") + payload)
+        await writer.drain()
+        if reply:
+            await reader.readexactly(9)
+
+    result = await time_round_trips_and_bulk(send, calls, sizes, rtt_key="rpc_rtt", bulk_key="stream")
     writer.close()
     return result
 
@@ -310,26 +320,13 @@ async def measure_channel(name: str, port: int, peer: PeerId, identity: Identity
         setups.append(time.perf_counter() - start)
         await channel.aclose()
     channel = await channel_dial(name, port, peer, identity, key, tls)
-    small = os.urandom(40)
-    for _ in range(20):
-        await send(channel, small, True)
-    rtts = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        await send(channel, small, True)
-        rtts.append(time.perf_counter() - start)
     result: dict[str, Any] = {
         "handshake_median_us": round(statistics.median(setups) * 1e6, 1),
         "handshake_p90_us": round(percentile(setups, 0.9) * 1e6, 1),
-        "rtt_median_us": round(statistics.median(rtts) * 1e6, 1),
-        "rtt_p99_us": round(percentile(rtts, 0.99) * 1e6, 1),
     }
-    for size, count in sizes.items():
-        payload = os.urandom(size)
-        start = time.perf_counter()
-        for i in range(count):
-            await send(channel, payload, i == count - 1)
-        result[f"bulk_{size // MIB}mib_mib_per_s"] = round(size * count / MIB / (time.perf_counter() - start), 1)
+    result |= await time_round_trips_and_bulk(
+        lambda payload, reply: send(channel, payload, reply), calls, sizes, rtt_key="rtt", bulk_key="bulk"
+    )
     if name == "tls13":
         result["tls_cipher"] = channel.writer.get_extra_info("cipher")[0]
     await channel.aclose()
