@@ -82,7 +82,7 @@ from petalnode.node._protocol import (
 from petalnode.node._routing import RouteHop, choose_route
 from petalnode.node._swarm import fetch_swarm
 from petalnode.node._swarm_view import ServerView, SwarmView, describe_runs
-from petalnode.node._verification import VerifyMode, VerifyStats, unverified_exposure
+from petalnode.node._verification import VerifyMode, VerifyStats, parse_server_dtype, unverified_exposure
 from petalnode.node._verifier import SessionVerifier
 from petalnode.rpc import RPC, RPCStream
 from petalnode.swarm_key import SwarmKey, load_swarm_key
@@ -410,6 +410,8 @@ class SwarmClient:
         self.rng = random.Random(seed)
         self.verify = VerifyMode.parse(verify)
         self.rtt: dict[PeerId, float] = {}
+        # What each server says it computes in (from its `info` reply): the verification tolerance depends on it.
+        self.server_dtypes: dict[PeerId, torch.dtype | None] = {}
         self.bans: BanList = BanList(time.monotonic)
         self._given_transport = transport
         self._endpoint_factory = endpoint_factory
@@ -757,9 +759,10 @@ class SwarmClient:
             loop = asyncio.get_running_loop()
             started = loop.time()
             try:
-                await rpc.call(_address_of(server), "info", InfoRequest(), expected=ServerInfo,
-                               timeout_s=self.timeouts.rtt_probe)
+                info = await rpc.call(_address_of(server), "info", InfoRequest(), expected=ServerInfo,
+                                      timeout_s=self.timeouts.rtt_probe)
                 self.rtt[server.peer_id] = loop.time() - started
+                self.server_dtypes[server.peer_id] = parse_server_dtype(info.dtype)
             except (PetalnodeError, OSError) as e:
                 log.debug("rtt probe of %s failed: %s", server.peer_id, e)
 

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -79,15 +80,17 @@ class _Outcome:
 class SessionVerifier:
     """Spot-checks one `SwarmSession`; created by the session when its client verifies."""
 
-    def __init__(self, session: SwarmSession, mode: VerifyMode, rng: random.Random, *,
-                 server_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, session: SwarmSession, mode: VerifyMode, rng: random.Random) -> None:
         self._session = session
         self.mode = mode
         self.schedule = CheckSchedule(mode, rng)
         self.stats = VerifyStats()
         self._ranges: dict[tuple[int, int], _RangeCheck] = {}
-        # Servers' compute dtype is not announced: assume the loosest pair with the client's dtype unless told.
-        self._tolerance = tolerance(session.dtype, server_dtype or torch.bfloat16)
+
+    def _tolerance(self, a: Iterable[PeerId | None], b: Iterable[PeerId | None]) -> float:
+        """The tolerance between two chains of servers: that of their least precise pair of dtypes."""
+        dtypes = self._session._client.server_dtypes
+        return max(tolerance(dtypes.get(x) if x else None, dtypes.get(y) if y else None) for x in a for y in b)
 
     @property
     def verified_position(self) -> int:
@@ -164,7 +167,8 @@ class SessionVerifier:
             self.stats.checks += 1
             self.stats.positions_checked += position - r.shadow_position
             offset = r.verified - r.shadow_position
-            mismatch = first_mismatch(outputs[:, r.verified:position], shadow_out[:, offset:], self._tolerance)
+            tol = self._tolerance([main], r.shadow_peers())
+            mismatch = first_mismatch(outputs[:, r.verified:position], shadow_out[:, offset:], tol)
             checked_from = r.verified
             r.shadow_position = position
             if mismatch is None:
@@ -197,8 +201,10 @@ class SessionVerifier:
             await self._drop_shadow(r)
             return self._no_majority(r, bad, f"the third server failed: {e}")
         third_out = third_out[:, checked_from:position]
-        verdict = majority(first_mismatch(outputs[:, checked_from:position], third_out, self._tolerance),
-                           first_mismatch(shadow_out, third_out, self._tolerance))
+        third_peers = {hop.peer_id for hop in third}
+        verdict = majority(
+            first_mismatch(outputs[:, checked_from:position], third_out, self._tolerance([blamed], third_peers)),
+            first_mismatch(shadow_out, third_out, self._tolerance(r.shadow_peers(), third_peers)))
         blocks = f"blocks {r.start}-{r.end - 1}"
         if verdict.liar is Side.MAIN:
             self.stats.liars_banned += 1
