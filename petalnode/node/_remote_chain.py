@@ -115,6 +115,10 @@ class RemoteBlockChain:
         machines (pass verify="off" for servers you run yourself, "full" to check every step before it is used).
         """
         options.setdefault("verify", DEFAULT_VERIFY_MODE)
+        if "referee" not in options and getattr(info.source, "path", None) is not None:
+            from petalnode.node._referee import LocalReferee
+
+            options["referee"] = LocalReferee(info, dtype=dtype)
         if "transport" not in options:
             # TCP and WebRTC: servers behind NAT announce webrtc:// addresses reached through their relay.
             from petalnode.identity import Identity

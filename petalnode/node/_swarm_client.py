@@ -79,6 +79,7 @@ from petalnode.node._protocol import (
     OpenInference,
     ServerInfo,
 )
+from petalnode.node._referee import Referee
 from petalnode.node._routing import RouteHop, choose_route
 from petalnode.node._swarm import fetch_swarm
 from petalnode.node._swarm_view import ServerView, SwarmView, describe_runs
@@ -387,11 +388,13 @@ class SwarmClient:
         dht_options: dict[str, Any] | None = None,
         swarm_key: SwarmKey | str | os.PathLike[str] | None = None,
         verify: VerifyMode | str = VerifyMode.OFF,
+        referee: Referee | None = None,
     ) -> None:
         # swarm_key: a private swarm's key or its file: the DHT and the default TCP transport are keyed with it
         # (a given `transport` must be keyed by the caller).
         # verify: re-check servers' outputs on other servers ("off", "sample", "full"; see _verification.py).
         # Off here, the building block; the library and the CLI default to "sample" for a stranger's swarm.
+        # referee: decides a dispute between two servers when no third hosts the blocks (see _referee.py).
         if not bootstrap:
             raise ConfigError("a swarm client needs at least one bootstrap address")
         self.model = model
@@ -409,6 +412,7 @@ class SwarmClient:
         self.swarm_key = load_swarm_key(swarm_key)
         self.rng = random.Random(seed)
         self.verify = VerifyMode.parse(verify)
+        self.referee = referee
         self.rtt: dict[PeerId, float] = {}
         # What each server says it computes in (from its `info` reply): the verification tolerance depends on it.
         self.server_dtypes: dict[PeerId, torch.dtype | None] = {}

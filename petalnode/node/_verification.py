@@ -166,6 +166,8 @@ class VerifyStats:
     liars_banned: int = 0
     rollbacks: int = 0
     """Rollbacks that reached the caller (tokens already returned were wrong)."""
+    referee_runs: int = 0
+    """Disputes decided by the client's own copy of the blocks (no third server hosted them)."""
     unverifiable_hops: int = 0
     """Checks skipped because no independent server hosts a hop's blocks."""
     max_unverified_positions: int = 0

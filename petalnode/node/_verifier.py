@@ -87,10 +87,15 @@ class SessionVerifier:
         self.stats = VerifyStats()
         self._ranges: dict[tuple[int, int], _RangeCheck] = {}
 
-    def _tolerance(self, a: Iterable[PeerId | None], b: Iterable[PeerId | None]) -> float:
-        """The tolerance between two chains of servers: that of their least precise pair of dtypes."""
-        dtypes = self._session._client.server_dtypes
-        return max(tolerance(dtypes.get(x) if x else None, dtypes.get(y) if y else None) for x in a for y in b)
+    def _dtypes(self, peers: Iterable[PeerId | None]) -> list[torch.dtype | None]:
+        known = self._session._client.server_dtypes
+        return [known.get(p) if p is not None else None for p in peers]
+
+    def _tolerance(self, a: Iterable[PeerId | None], b: Iterable[PeerId | None] | torch.dtype) -> float:
+        """The tolerance between two chains of servers (or a chain and the referee's dtype): that of their least
+        precise pair of dtypes."""
+        others = [b] if isinstance(b, torch.dtype) else self._dtypes(b)
+        return max(tolerance(x, y) for x in self._dtypes(a) for y in others)
 
     @property
     def verified_position(self) -> int:
@@ -190,21 +195,31 @@ class SessionVerifier:
         blamed = r.producer_at(bad)
         avoid = {p for _, p in r.producers if p is not None} | r.shadow_peers()
         third = await self._open_chain(r, avoid)
-        if third is None:
-            await self._drop_shadow(r)
-            return self._no_majority(r, bad, "no third server hosts these blocks")
+        referee = self._session._client.referee
+        third_by: set[PeerId | None] | torch.dtype
         try:
-            third_out = await self._run_chain(third, inputs[:, :position], 0)
+            if third is not None:
+                third_out = await self._run_chain(third, inputs[:, :position], 0)
+                third_by = {hop.peer_id for hop in third}
+            elif referee is not None and self._session.adapter is None:
+                self.stats.referee_runs += 1
+                third_out = await referee.run(r.start, r.end, inputs[:, :position], self._session.prompts)
+                third_by = referee.dtype
+            else:
+                await self._drop_shadow(r)
+                return self._no_majority(r, bad, "no third server hosts these blocks")
         except Exception as e:
+            if third is None:  # the referee could not run the blocks (weights missing, out of memory, ...)
+                await self._drop_shadow(r)
+                return self._no_majority(r, bad, f"the client's own copy could not decide: {e}")
             await self._close_chain(third)
             self._shadow_failed(r, e)
             await self._drop_shadow(r)
             return self._no_majority(r, bad, f"the third server failed: {e}")
         third_out = third_out[:, checked_from:position]
-        third_peers = {hop.peer_id for hop in third}
         verdict = majority(
-            first_mismatch(outputs[:, checked_from:position], third_out, self._tolerance([blamed], third_peers)),
-            first_mismatch(shadow_out, third_out, self._tolerance(r.shadow_peers(), third_peers)))
+            first_mismatch(outputs[:, checked_from:position], third_out, self._tolerance([blamed], third_by)),
+            first_mismatch(shadow_out, third_out, self._tolerance(r.shadow_peers(), third_by)))
         blocks = f"blocks {r.start}-{r.end - 1}"
         if verdict.liar is Side.MAIN:
             self.stats.liars_banned += 1
@@ -212,7 +227,7 @@ class SessionVerifier:
                                        f"position {bad}", None)
             log.warning("verification: the server of %s (%s) returned wrong hidden states from position %d; "
                         "two other servers agree; rolling back to %d", blocks, blamed or main, bad, bad)
-            promote, r.shadow, r.shadow_position = r.shadow, third, position
+            promote, r.shadow, r.shadow_position = r.shadow, third, position if third is not None else 0
             r.verified = bad
             r.producers = [(0, None)] if blamed is None else [p for p in r.producers if p[1] != blamed]
             return _Outcome(rollback=bad, promote=promote)
@@ -222,9 +237,10 @@ class SessionVerifier:
                 self._session._client._ban(peer, f"verifying {blocks}: its outputs disagree with two other "
                                            "servers", None)
             await self._drop_shadow(r)
-            r.shadow, r.shadow_position, r.verified = third, position, position
+            r.shadow, r.shadow_position, r.verified = third, position if third is not None else 0, position
             return _Outcome()
-        await self._close_chain(third)
+        if third is not None:
+            await self._close_chain(third)
         await self._drop_shadow(r)
         return self._no_majority(r, bad, "three servers gave three different answers")
 

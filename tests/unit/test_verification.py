@@ -300,3 +300,45 @@ def test_verification_off_uses_the_liar_and_the_output_is_wrong() -> None:
             assert tokens != REFERENCE and s.banned() == set()
 
     run(scenario())
+
+
+class _StandInReferee:
+    """The stand-in blocks computed by the 'client' itself, as `LocalReferee` does with real weights."""
+
+    dtype = torch.float32
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    async def run(self, start: int, end: int, hidden: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
+        self.runs += 1
+        return StandInSpan(start, end).forward_span(hidden, None, torch.arange(hidden.shape[1])[None])
+
+
+@pytest.mark.parametrize("liar_first", [True, False])
+def test_with_two_servers_the_clients_own_copy_decides(liar_first: bool) -> None:
+    async def scenario() -> None:
+        names = ["liar", "honest"] if liar_first else ["honest", "liar"]
+        # Sample mode: once the liar is banned one server is left, which FULL would refuse as unverifiable.
+        async with swarm(names, verify="sample") as s:
+            s.client.referee = referee = _StandInReferee()
+            s.corruption.from_position["liar"] = len(PROMPT) + 2
+            session = await s.client.open_session(len(PROMPT) + NEW_TOKENS)
+            tokens, _ = await generate(session, NEW_TOKENS)
+            assert tokens == REFERENCE
+            assert s.banned() == {"liar"} and s.route(session) == ["honest"]
+            assert referee.runs == 1 and session.verify_stats.referee_runs == 1
+
+    run(scenario())
+
+
+def test_with_two_servers_and_no_referee_sample_mode_reports_no_majority(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with swarm(["liar", "honest"], verify="sample") as s:
+            s.corruption.from_position["liar"] = len(PROMPT) + 2
+            session = await s.client.open_session(len(PROMPT) + NEW_TOKENS)
+            await generate(session, NEW_TOKENS)
+            assert s.banned() == set() and session.verify_stats.mismatches >= 1
+
+    run(scenario())
+    assert "no majority" in caplog.text
