@@ -9,7 +9,7 @@ broken or malicious machine's are, and which may announce a throughput it does n
 - noise: adds Gaussian noise of --noise times the output's RMS (small: the output still looks plausible);
 - zeros: returns zeros; skip: returns its input unchanged (as if it skipped its blocks);
 - --from-position P: only positions >= P are wrong (P=64: wrong only on long contexts);
-- --after-steps S: honest for its first S inference steps (over all sessions), wrong after.
+- --after-steps S: honest for the first S inference steps of each session, wrong after.
 Nothing in petalnode imports this: a corrupting server exists only inside the tests, never as a product flag.
 """
 
@@ -32,7 +32,7 @@ class CorruptingSpan:
         self.noise = noise
         self.from_position = from_position
         self.after_steps = after_steps
-        self.steps = 0
+        self._steps: dict[int, int] = {}  # per session: its cache object's id -> steps so far
         self._generator = torch.Generator().manual_seed(seed)
 
     def wrap(self, span: Any) -> Any:
@@ -41,7 +41,7 @@ class CorruptingSpan:
         def forward_span(hidden: torch.Tensor, cache: Any, position_ids: torch.Tensor,
                          prompts: torch.Tensor | None = None) -> torch.Tensor:
             out = inner_forward(hidden, cache, position_ids, prompts)
-            return self.corrupt(hidden, out, position_ids, stateful=cache is not None)
+            return self.corrupt(hidden, out, position_ids, session=None if cache is None else id(cache))
 
         span.forward_span = forward_span
         if inner_subspan is not None:
@@ -53,10 +53,12 @@ class CorruptingSpan:
         return span
 
     def corrupt(self, hidden: torch.Tensor, out: torch.Tensor, position_ids: torch.Tensor, *,
-                stateful: bool) -> torch.Tensor:
-        if stateful:
-            self.steps += 1
-            if self.steps <= self.after_steps:
+                session: int | None) -> torch.Tensor:
+        if session is not None:
+            if len(self._steps) > 10_000:
+                self._steps.clear()
+            steps = self._steps[session] = self._steps.get(session, 0) + 1
+            if steps <= self.after_steps:
                 return out
         wrong = (position_ids.reshape(-1)[-out.shape[1]:] >= self.from_position).to(out.device)
         if not bool(wrong.any()):

@@ -22,6 +22,12 @@ class Referee(Protocol):
     async def run(self, start: int, end: int, hidden: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
         ...
 
+    async def run_backward(
+        self, start: int, end: int, hidden: torch.Tensor, grad_output: torch.Tensor, prompts: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gradients for the input and the deep prompts of blocks [start, end), as a server's backward."""
+        ...
+
 
 class LocalReferee:
     """Blocks computed in this process from the client's copy of the checkpoint (a `ModelInfo`)."""
@@ -35,12 +41,34 @@ class LocalReferee:
     async def run(self, start: int, end: int, hidden: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
         return await asyncio.to_thread(self._run, start, end, hidden, prompts)
 
-    def _run(self, start: int, end: int, hidden: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
-        from petalnode.compute import load_block_span, span_forward
+    async def run_backward(
+        self, start: int, end: int, hidden: torch.Tensor, grad_output: torch.Tensor, prompts: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return await asyncio.to_thread(self._run_backward, start, end, hidden, grad_output, prompts)
+
+    def _span(self, start: int, end: int) -> torch.nn.Module:
+        from petalnode.compute import load_block_span
 
         if self._loaded is None or self._loaded[0] != (start, end):
             self._loaded = None  # free the previous range before reading the next
             self._loaded = ((start, end), load_block_span(self.info, start, end, dtype=self.dtype))
         self.runs += 1
+        return self._loaded[1]
+
+    def _run(self, start: int, end: int, hidden: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
+        from petalnode.compute import span_forward
+
+        span = self._span(start, end)
         span_prompts = None if prompts is None else prompts[start:end].to(self.dtype)
-        return span_forward(self._loaded[1], hidden.to(self.dtype), span_prompts).float()
+        return span_forward(span, hidden.to(self.dtype), span_prompts).float()
+
+    def _run_backward(
+        self, start: int, end: int, hidden: torch.Tensor, grad_output: torch.Tensor, prompts: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from petalnode.compute import span_backward
+
+        span = self._span(start, end)
+        span_prompts = None if prompts is None else prompts[start:end].to(self.dtype)
+        grad_hidden, grad_prompts = span_backward(span, hidden.to(self.dtype), grad_output.to(self.dtype),
+                                                  span_prompts)
+        return grad_hidden.float(), None if grad_prompts is None else grad_prompts.float()

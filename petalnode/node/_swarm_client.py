@@ -67,6 +67,7 @@ from petalnode.node._failover import (
     route_retry_delay_s,
     view_needs_refresh,
 )
+from petalnode.node._pass_verifier import PassVerifier
 from petalnode.node._protocol import (
     BackwardRequest,
     BackwardResult,
@@ -83,7 +84,7 @@ from petalnode.node._referee import Referee
 from petalnode.node._routing import RouteHop, choose_route
 from petalnode.node._swarm import fetch_swarm
 from petalnode.node._swarm_view import ServerView, SwarmView, describe_runs
-from petalnode.node._verification import VerifyMode, VerifyStats, parse_server_dtype, unverified_exposure
+from petalnode.node._verification import VerifyMode, VerifyStats, parse_server_dtype
 from petalnode.node._verifier import SessionVerifier
 from petalnode.rpc import RPC, RPCStream
 from petalnode.swarm_key import SwarmKey, load_swarm_key
@@ -162,6 +163,7 @@ class SwarmSession:
         # The last block's outputs for positions [0, position) (what verification compares the last hop with).
         self.outputs: torch.Tensor | None = None
         self.verifier = None if verify is VerifyMode.OFF else SessionVerifier(self, verify, client.rng)
+        self._unverified_steps = 0  # steps returned since the last check
 
     @property
     def dtype(self) -> torch.dtype:
@@ -273,11 +275,12 @@ class SwarmSession:
         self.outputs = hidden if self.outputs is None or start == 0 else torch.cat(
             [self.outputs[:, :start], hidden], dim=1)
         if self.verifier is not None and (redos > 0 or self.verifier.schedule.due()):
+            self._unverified_steps = 0
             return await self._checked(inputs, start, hidden, redos)
         if self.verifier is not None:
+            self._unverified_steps += 1
             stats = self.verifier.stats
-            exposure = unverified_exposure(self.position, self.verifier.verified_position)
-            stats.max_unverified_positions = max(stats.max_unverified_positions, exposure)
+            stats.max_unverified_steps = max(stats.max_unverified_steps, self._unverified_steps)
         return hidden
 
     async def _checked(self, inputs: torch.Tensor, start: int, output: torch.Tensor, redos: int) -> torch.Tensor:
@@ -413,6 +416,7 @@ class SwarmClient:
         self.rng = random.Random(seed)
         self.verify = VerifyMode.parse(verify)
         self.referee = referee
+        self.pass_verifier = None if self.verify is VerifyMode.OFF else PassVerifier(self, self.verify)
         self.rtt: dict[PeerId, float] = {}
         # What each server says it computes in (from its `info` reply): the verification tolerance depends on it.
         self.server_dtypes: dict[PeerId, torch.dtype | None] = {}
@@ -562,6 +566,8 @@ class SwarmClient:
             for hop in route:
                 try:
                     output = await self._call_forward(hop.server, hop.start, hop.end, current, prompts, adapter)
+                    output = await self._checked_forward(hop.server, hop.start, hop.end, current, prompts, adapter,
+                                                         output)
                 except Exception as e:
                     attempts = self._pass_failed(attempts, e, Phase.FORWARD, hop.server, hop.start, hop.end)
                     break  # reroute from this hop's first block
@@ -606,8 +612,8 @@ class SwarmClient:
                 partial: list[tuple[int, int, torch.Tensor]] = []
                 for sub, sub_input in zip(reversed(route), reversed(inputs), strict=True):
                     server = sub.server
-                    grad, sub_grad_prompts = await self._call_backward(server, sub.start, sub.end, sub_input, grad,
-                                                                       prompts, adapter)
+                    grad, sub_grad_prompts = await self._checked_backward(server, sub.start, sub.end, sub_input,
+                                                                          grad, prompts, adapter)
                     if sub_grad_prompts is not None:
                         partial.append((sub.start, sub.end, sub_grad_prompts))
             except Exception as e:
@@ -657,6 +663,53 @@ class SwarmClient:
         duration = self.bans.ban(peer)
         cause = "" if error is None else f": {type(error).__name__}: {error}"
         log.warning("server %s failed (%s)%s; banned for %.0f s, rerouting", peer, what, cause, duration)
+
+    def referee_dtype(self) -> torch.dtype | None:
+        return None if self.referee is None else self.referee.dtype
+
+    async def _checked_forward(
+        self, server: ServerView, start: int, end: int, hidden: torch.Tensor, prompts: torch.Tensor | None,
+        adapter: str | None, output: torch.Tensor,
+    ) -> torch.Tensor:
+        """`output` (from `server`), or the majority's reply when a spot-check catches `server` lying."""
+        if self.pass_verifier is None:
+            return output
+
+        async def call(other: ServerView) -> list[torch.Tensor | None]:
+            return [await self._call_forward(other, start, end, hidden, prompts, adapter)]
+
+        async def referee() -> list[torch.Tensor | None]:
+            assert self.referee is not None
+            return [(await self.referee.run(start, end, hidden, prompts)).to(self.dtype)]
+
+        (checked,) = await self.pass_verifier.checked(
+            Phase.FORWARD, server, start, end, adapter, [output], call,
+            referee if self.referee is not None and adapter is None else None)
+        assert checked is not None
+        return checked
+
+    async def _checked_backward(
+        self, server: ServerView, start: int, end: int, hidden: torch.Tensor, grad: torch.Tensor,
+        prompts: torch.Tensor | None, adapter: str | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A backward call through `server`, spot-checked like `_checked_forward`."""
+        replies = await self._call_backward(server, start, end, hidden, grad, prompts, adapter)
+        if self.pass_verifier is None:
+            return replies
+
+        async def call(other: ServerView) -> list[torch.Tensor | None]:
+            return list(await self._call_backward(other, start, end, hidden, grad, prompts, adapter))
+
+        async def referee() -> list[torch.Tensor | None]:
+            assert self.referee is not None
+            grad_hidden, grad_prompts = await self.referee.run_backward(start, end, hidden, grad, prompts)
+            return [grad_hidden.to(self.dtype), None if grad_prompts is None else grad_prompts.to(prompts.dtype)]
+
+        grad_hidden, grad_prompts = await self.pass_verifier.checked(
+            Phase.BACKWARD, server, start, end, adapter, list(replies), call,
+            referee if self.referee is not None and adapter is None else None)
+        assert grad_hidden is not None
+        return grad_hidden, grad_prompts
 
     async def _call_forward(
         self, server: ServerView, start: int, end: int, hidden: torch.Tensor, prompts: torch.Tensor | None,

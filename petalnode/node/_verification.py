@@ -170,14 +170,12 @@ class VerifyStats:
     """Disputes decided by the client's own copy of the blocks (no third server hosted them)."""
     unverifiable_hops: int = 0
     """Checks skipped because no independent server hosts a hop's blocks."""
-    max_unverified_positions: int = 0
-    """The most positions returned before their check (the exposure SAMPLE bounds; 0 in FULL)."""
+    max_unverified_steps: int = 0
+    """The most steps whose outputs were returned before their check (the exposure SAMPLE bounds, at most
+    2 * SAMPLE_MEAN_GAP - 1; 0 in FULL): a streamed token may be retracted up to that many tokens later."""
     first_detection_position: int | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
 
 
-def unverified_exposure(position: int, verified: int) -> int:
-    """Positions returned to the caller but not checked yet."""
-    return max(0, position - verified)

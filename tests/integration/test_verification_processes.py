@@ -91,4 +91,4 @@ def test_verification_bans_the_liar_and_the_output_is_exact(swarm_with_liar, tin
     assert liar in banned
     assert stats.liars_banned >= 1
     if verify == "full":
-        assert stats.rollbacks == 0 and stats.max_unverified_positions == 0
+        assert stats.rollbacks == 0 and stats.max_unverified_steps == 0

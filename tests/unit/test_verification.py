@@ -230,7 +230,7 @@ def test_full_mode_catches_a_lying_main_server_before_any_wrong_output_is_return
             assert rollbacks == 0  # nothing wrong ever reached the caller
             assert s.banned() == {"liar"} and "liar" not in s.route(session)
             stats = session.verify_stats
-            assert stats.liars_banned == 1 and stats.max_unverified_positions == 0
+            assert stats.liars_banned == 1 and stats.max_unverified_steps == 0
             assert stats.first_detection_position == len(PROMPT) + 5
 
     run(scenario())
