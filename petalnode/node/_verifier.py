@@ -55,7 +55,6 @@ class _RangeCheck:
     """Positions the shadow's caches hold (<= verified)."""
     producers: list[tuple[int, PeerId | None]] = field(default_factory=list)
     """(first position, server) of the main servers whose outputs the session used; None: not known."""
-    warned_unverifiable: bool = False
 
     def producer_at(self, position: int) -> PeerId | None:
         found = None
@@ -296,8 +295,9 @@ class SessionVerifier:
             raise VerificationError(f"{message}; verify='full' needs two servers on every block "
                                     "(use verify='sample' to accept unverified hops, or 'off')",
                                     missing=[(r.start, r.end)])
-        if not r.warned_unverifiable:
-            r.warned_unverifiable = True
+        warned = self._session._client.unverifiable_warned
+        if (r.start, r.end) not in warned:  # once per client and range, not once per session
+            warned.add((r.start, r.end))
             log.warning("verification: %s; its outputs are used unchecked", message)
         return _Outcome()
 
