@@ -47,7 +47,7 @@ def test_a_server_with_other_weights_is_never_used_however_fast() -> None:
 def test_identity_is_per_span_so_a_server_outside_the_differing_block_is_fine() -> None:
     # Server 2 loaded the other checkpoint but hosts only blocks 6-11, which are identical in both.
     view = SwarmView.from_servers(NUM_BLOCKS, [server(1, 0, 6), server(2, 6, NUM_BLOCKS, blocks=THEIRS),
-                                               server(3, 4, 8, 1e6, blocks=THEIRS)])
+                                               server(3, 0, NUM_BLOCKS, 1e6, blocks=THEIRS)])
     assert spans(choose_route(view, rtt_s={}, span_digest=ours)) == [(pid(1), 0, 6), (pid(2), 6, NUM_BLOCKS)]
 
 
