@@ -104,7 +104,15 @@ class RemoteBlockChain:
         codec: TensorCodec | str = TensorCodec.RAW,
         **options: Any,
     ) -> RemoteBlockChain:
-        """Join the swarm of `info`'s model as a client (options go to `SwarmClient`)."""
+        """Join the swarm of `info`'s model as a client (options go to `SwarmClient`).
+
+        Routes use only servers whose weights equal this client's copy (`span_digest`, see node/_routing.py):
+        the digests of all blocks are computed here once (hashed, or read from the cache next to the weights).
+        Pass `span_digest=None` to skip the check (a client without the blocks' weights cannot compute them).
+        """
+        if "span_digest" not in options:
+            info.block_digests(range(info.num_blocks))  # every later span_digest call is a lookup, no I/O
+            options = {**options, "span_digest": info.span_digest}
         if "transport" not in options:
             # TCP and WebRTC: servers behind NAT announce webrtc:// addresses reached through their relay.
             from petalnode.identity import Identity
