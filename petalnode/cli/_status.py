@@ -22,9 +22,10 @@ def run_status(args: argparse.Namespace) -> int:
 
     swarm_key = swarm_key_from_args(args)  # before loading the model: a bad key file fails at once
     info = load_model_info(args.model)
+    info.block_digests(range(info.num_blocks))  # hashed once, then cached next to the weights
     view = asyncio.run(_fetch(args.bootstrap, info.source.name, info.num_blocks, swarm_key))
-    print(render_status(view, info.source.name, args.bootstrap[0]))
-    return 0 if not view.uncovered_blocks() else 1
+    print(render_status(view, info.source.name, args.bootstrap[0], span_digest=info.span_digest))
+    return 0 if not _usable(view, info.span_digest).uncovered_blocks() else 1
 
 
 async def _fetch(bootstrap: list[str], model: str, num_blocks: int, swarm_key=None):
@@ -43,24 +44,45 @@ async def _fetch(bootstrap: list[str], model: str, num_blocks: int, swarm_key=No
         return await fetch_swarm(dht, model, num_blocks)
 
 
-def render_status(view, model: str, bootstrap: str) -> str:
-    from petalnode.node import describe_runs
+def render_status(view, model: str, bootstrap: str, *, span_digest=None) -> str:
+    """The table; with `span_digest` (this machine's copy of the model, ModelInfo.span_digest) the header shows
+    the model's digest, each server's digest is marked OTHER when its weights differ, and only servers with the
+    same weights count towards "servable" (as clients route: node/_routing.py)."""
+    from petalnode.compute import short_digest
+    from petalnode.node import describe_runs, same_weights
 
-    rows = [("blocks", "peer", "state", "steps/s/block", "cache tokens", "name", "address", "adapters")]
+    rows = [("blocks", "peer", "state", "digest", "steps/s/block", "cache tokens", "name", "address", "adapters")]
     for server in sorted(view.servers.values(), key=lambda s: (s.start, s.end, str(s.peer_id))):
+        digest = short_digest(server.span_digest)
+        if span_digest is not None and server.span_digest is not None and not same_weights(server, span_digest):
+            digest = f"OTHER:{digest}"
         rows.append((
-            f"{server.start}-{server.end - 1}", str(server.peer_id)[:12], server.state.name.lower(),
+            f"{server.start}-{server.end - 1}", str(server.peer_id)[:12], server.state.name.lower(), digest,
             f"{server.throughput:.0f}", str(server.cache_tokens_left), server.public_name or "-",
             server.addresses[0] if server.addresses else "-", ",".join(server.adapters) or "-",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [f"model {model}: {view.num_blocks} blocks, {len(view.servers)} servers"]
+    identity = "" if span_digest is None else f" (digest {short_digest(span_digest(0, view.num_blocks))})"
+    lines = [f"model {model}{identity}: {view.num_blocks} blocks, {len(view.servers)} servers"]
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
-    missing = view.uncovered_blocks()
+    missing = _usable(view, span_digest).uncovered_blocks()
     if missing:
         first = missing[0]
-        lines.append(f"NOT SERVABLE: {describe_runs(missing)} of {model} have no online server; start one with:")
+        weights = "" if span_digest is None else " with these weights"
+        lines.append(f"NOT SERVABLE: {describe_runs(missing)} of {model} have no online server{weights}; start one "
+                     "with:")
         lines.append(f"  petalnode join --bootstrap {bootstrap} --model {model} --blocks {first[0]}:{first[1]}")
     else:
-        lines.append("servable: every block has at least one online server")
+        weights = "" if span_digest is None else " with these weights"
+        lines.append(f"servable: every block has at least one online server{weights}")
     return "\n".join(lines)
+
+
+def _usable(view, span_digest):
+    """The servers a client with this copy of the model would route through (all of them without a digest)."""
+    from petalnode.node import SwarmView, same_weights
+
+    if span_digest is None:
+        return view
+    return SwarmView.from_servers(view.num_blocks, [s for s in view.servers.values() if same_weights(s, span_digest)],
+                                  model=view.model)

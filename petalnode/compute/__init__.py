@@ -17,6 +17,7 @@ from petalnode.compute._budget import (
     plan_blocks,
     plan_serving,
 )
+from petalnode.compute._digest import DIGEST_BYTES, short_digest, span_digest
 from petalnode.compute._model_source import (
     DEFAULT_MODEL,
     ModelSource,
@@ -38,6 +39,7 @@ __all__ = [
     "DEFAULT_CACHE_TOKENS_PER_BLOCK",
     "DEFAULT_IDLE_TIMEOUT_S",
     "DEFAULT_MODEL",
+    "DIGEST_BYTES",
     "BlockPlan",
     "CheckpointReader",
     "InferenceSession",
@@ -65,8 +67,10 @@ __all__ = [
     "plan_blocks",
     "plan_serving",
     "resolve_model",
+    "short_digest",
     "span_adapters",
     "span_backward",
+    "span_digest",
     "span_forward",
 ]
 

@@ -10,7 +10,7 @@ import hashlib
 
 import pytest
 
-from petalnode.compute._digest import span_digest
+from petalnode.compute import span_digest
 from petalnode.dht import ServerState
 from petalnode.errors import NoRouteError
 from petalnode.node._routing import choose_route, same_weights
