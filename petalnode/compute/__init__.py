@@ -17,7 +17,7 @@ from petalnode.compute._budget import (
     plan_blocks,
     plan_serving,
 )
-from petalnode.compute._digest import DIGEST_BYTES, short_digest, span_digest
+from petalnode.compute._digest import DIGEST_BYTES, pins_from_json, pins_to_json, short_digest, span_digest
 from petalnode.compute._model_source import (
     DEFAULT_MODEL,
     ModelSource,
@@ -64,6 +64,8 @@ __all__ = [
     "load_model_info",
     "parse_dtype",
     "parse_size",
+    "pins_from_json",
+    "pins_to_json",
     "plan_blocks",
     "plan_serving",
     "resolve_model",

@@ -10,6 +10,9 @@
 #   config object, whose defaults change between transformers versions (peers on different versions still agree).
 # - A span digest is sha256 over a domain tag and the block digests of [start, end) in order, so a server
 #   announces one 32-byte value for its span and hashes only the blocks it loads.
+# - Pinned digests (`pins_to_json` / `pins_from_json`) are the block digests of a model written by a machine that
+#   has its full copy (`petalnode digest`), for a client that does not (only the head, a partial download): the
+#   client then checks servers against the pins instead of its own files.
 # - Pure: no file is opened here except through the `read` callable a caller passes (compute/_loader.py reads
 #   through CheckpointReader), and nothing depends on the clock or the process.
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,6 +110,44 @@ def span_digest(digest_of_block: Callable[[int], bytes], start: int, end: int) -
         _check_digest(digest, f"block {index}'s digest")
         h.update(digest)
     return h.digest()
+
+
+PINS_VERSION = 1
+MAX_PINNED_BLOCKS = 100_000  # as many blocks as an announcement may span (dht/_announcement.py MAX_BLOCKS)
+
+
+def pins_to_json(model: str, block_digests: Sequence[bytes]) -> str:
+    """A pin file: the model's name (for display), its whole-model digest (to compare by eye) and every block's."""
+    if not block_digests:
+        raise ValueError("a model has at least one block")
+    whole = span_digest(block_digests.__getitem__, 0, len(block_digests))
+    return json.dumps({"version": PINS_VERSION, "model": model, "digest": whole.hex(),
+                       "blocks": [d.hex() for d in block_digests]}, indent=1)
+
+
+def pins_from_json(text: str) -> tuple[str, list[bytes]]:
+    """(model name, block digests) from a pin file. Raises `ValueError` naming what is wrong."""
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"not a digest pin file (invalid JSON: {e})") from None
+    if not isinstance(data, dict) or data.get("version") != PINS_VERSION:
+        raise ValueError(f"not a digest pin file of version {PINS_VERSION}")
+    model, blocks, whole = data.get("model"), data.get("blocks"), data.get("digest")
+    if not isinstance(model, str) or not isinstance(blocks, list) or not 0 < len(blocks) <= MAX_PINNED_BLOCKS:
+        raise ValueError("a digest pin file has a model name and a list of 1 to 100000 block digests")
+    digests: list[bytes] = []
+    for index, value in enumerate(blocks):
+        try:
+            digest = bytes.fromhex(value) if isinstance(value, str) else b""
+        except ValueError:
+            digest = b""
+        if len(digest) != DIGEST_BYTES:
+            raise ValueError(f"block {index}'s pinned digest is not {2 * DIGEST_BYTES} hex digits")
+        digests.append(digest)
+    if whole != span_digest(digests.__getitem__, 0, len(digests)).hex():
+        raise ValueError("the pin file's model digest does not match its block digests (edited or truncated?)")
+    return model, digests
 
 
 def short_digest(digest: bytes | None) -> str:

@@ -9,6 +9,8 @@ client that checks (the default) never does, and its greedy tokens equal local t
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from petalnode.client import AutoDistributedModelForCausalLM
 from petalnode.compute._digest_cache import CACHE_FILE_NAME
-from petalnode.errors import NoRouteError
+from petalnode.errors import ConfigError, NoRouteError
 from petalnode.identity import PeerAddress
 from petalnode.node import LocalSwarm
 from petalnode.node._local_swarm import STARTUP_TIMEOUT_S
@@ -95,6 +97,26 @@ def test_a_server_with_other_weights_under_the_same_name_is_never_used(mixed_swa
         tokens, used = _generate(ours, swarm.bootstrap_address, seed=attempt)
         assert used == {_peer(s) for s in honest}, attempt
         assert torch.equal(tokens, expected), attempt
+
+
+def test_a_client_without_block_weights_checks_servers_against_pinned_digests(
+        mixed_swarm, tiny_model_dir: Path, tmp_path: Path) -> None:
+    swarm, ours, honest, _ = mixed_swarm
+    head_only = tmp_path / ours.name  # the same name; config, tokenizer and the client's own tensors only
+    shutil.copytree(ours, head_only, ignore=shutil.ignore_patterns(CACHE_FILE_NAME, "*.safetensors"))
+    with safe_open(str(ours / "model.safetensors"), framework="pt") as handle:
+        save_file({n: handle.get_tensor(n) for n in handle.keys() if not n.startswith("model.layers.")},
+                  str(head_only / "model.safetensors"), metadata=handle.metadata())
+    with pytest.raises(ConfigError, match=r"has no tensors for block 0.*petalnode digest"):
+        _generate(head_only, swarm.bootstrap_address)
+    pins = subprocess.run([sys.executable, "-m", "petalnode.cli", "digest", "--model", str(ours)], check=True,
+                          capture_output=True, text=True, timeout=120).stdout  # on a machine with the full copy
+    (tmp_path / "pins.json").write_text(pins)
+    expected = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).generate(
+        PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False)
+    tokens, used = _generate(head_only, swarm.bootstrap_address, pinned_digests=tmp_path / "pins.json")
+    assert used == {_peer(s) for s in honest}
+    assert torch.equal(tokens, expected)
 
 
 def test_no_route_says_the_only_server_left_has_other_weights(mixed_swarm) -> None:

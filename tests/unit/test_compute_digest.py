@@ -22,6 +22,8 @@ from petalnode.compute._digest import (
     block_digest,
     canonical_config,
     config_digest,
+    pins_from_json,
+    pins_to_json,
     short_digest,
     span_digest,
 )
@@ -234,3 +236,20 @@ def test_bad_requests_are_refused(model_dir: Path) -> None:
         info.span_digest(4, NUM_LAYERS + 1)
     with pytest.raises(ConfigError, match="outside"):
         info.block_digests([NUM_LAYERS])
+
+
+def test_pins_round_trip_and_bad_pin_files_are_refused_with_the_reason() -> None:
+    blocks = [hashlib.sha256(bytes([i])).digest() for i in range(3)]
+    text = pins_to_json("tiny", blocks)
+    assert pins_from_json(text) == ("tiny", blocks)
+    assert json.loads(text)["digest"] == span_digest(blocks.__getitem__, 0, 3).hex()
+    good = json.loads(text)
+    for bad, reason in [
+        ("[", "invalid JSON"), (json.dumps({**good, "version": 2}), "version 1"),
+        (json.dumps({**good, "blocks": []}), "list of 1 to"), (json.dumps({**good, "model": 3}), "model name"),
+        (json.dumps({**good, "blocks": [*good["blocks"][:2], "zz" * 32]}), "block 2's pinned digest"),
+        (json.dumps({**good, "blocks": [*good["blocks"][:2], 7]}), "block 2's pinned digest"),
+        (json.dumps({**good, "blocks": good["blocks"][:2]}), "does not match"),
+    ]:
+        with pytest.raises(ValueError, match=reason):
+            pins_from_json(bad)
