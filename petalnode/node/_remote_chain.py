@@ -26,6 +26,7 @@ from petalnode.errors import ClientTimeoutError, ClosedResourceError, ConfigErro
 from petalnode.identity import PeerAddress
 from petalnode.node._swarm_client import SwarmClient, SwarmSession
 from petalnode.node._swarm_view import SwarmView
+from petalnode.node._verification import DEFAULT_VERIFY_MODE
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -85,6 +86,10 @@ class RemoteChainSession:
     def step(self, hidden_states: torch.Tensor, *, start_position: int | None = None) -> torch.Tensor:
         return self._loop.run(self.session.step(hidden_states, start_position))
 
+    def verify(self) -> None:
+        """Check every position so far (raises `VerificationRollback` if returned outputs were wrong)."""
+        self._loop.run(self.session.verify())
+
     def close(self) -> None:
         if not self.session.closed:
             with contextlib.suppress(Exception):
@@ -142,11 +147,19 @@ class RemoteBlockChain:
         A client without the blocks' weights passes `pinned_digests`, a file written by `petalnode digest` on a
         machine with the full model; `span_digest=None` skips the check (every server's weights are trusted).
 
+        `verify` defaults to "sample" here: a swarm reached through a bootstrap address is made of strangers'
+        machines (pass verify="off" for servers you run yourself, "full" to check every step before it is used).
+
         Raises:
             ConfigError: the local copy lacks block weights and no digests are pinned, or the pin file is bad.
         """
         if "span_digest" not in options:
             options = {**options, "span_digest": _client_span_digest(info, pinned_digests)}
+        options.setdefault("verify", DEFAULT_VERIFY_MODE)
+        if "referee" not in options and getattr(info.source, "path", None) is not None:
+            from petalnode.node._referee import LocalReferee
+
+            options["referee"] = LocalReferee(info, dtype=dtype)
         if "transport" not in options:
             # TCP and WebRTC: servers behind NAT announce webrtc:// addresses reached through their relay.
             from petalnode.identity import Identity
