@@ -4,28 +4,38 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
+from pathlib import Path
 
 from petalnode.cli._swarm_key import add_swarm_key_option, swarm_key_from_args
-from petalnode.errors import DHTError
+from petalnode.errors import ConfigError, DHTError
 
 
 def add_status_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("status", help="show which servers host which blocks of a model")
     parser.add_argument("--bootstrap", action="append", default=[], required=True, metavar="ADDR")
     parser.add_argument("--model", default=None, help="local model directory or id (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--pinned-digests", type=Path, default=None, metavar="FILE",
+                        help="the model's block digests from `petalnode digest`, for a copy without block weights")
     add_swarm_key_option(parser)
     parser.set_defaults(run=run_status)
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from petalnode.compute import load_model_info
+    from petalnode.compute import load_model_info, span_digest_for
 
     swarm_key = swarm_key_from_args(args)  # before loading the model: a bad key file fails at once
     info = load_model_info(args.model)
-    info.block_digests(range(info.num_blocks))  # hashed once, then cached next to the weights
+    try:
+        span_digest = span_digest_for(info, args.pinned_digests)  # hashed once, then cached next to the weights
+    except ConfigError as e:
+        if args.pinned_digests is not None:
+            raise
+        print(f"petalnode: weights not checked ({e})", file=sys.stderr)
+        span_digest = None
     view = asyncio.run(_fetch(args.bootstrap, info.source.name, info.num_blocks, swarm_key))
-    print(render_status(view, info.source.name, args.bootstrap[0], span_digest=info.span_digest))
-    return 0 if not _usable(view, info.span_digest).uncovered_blocks() else 1
+    print(render_status(view, info.source.name, args.bootstrap[0], span_digest=span_digest))
+    return 0 if not _usable(view, span_digest).uncovered_blocks() else 1
 
 
 async def _fetch(bootstrap: list[str], model: str, num_blocks: int, swarm_key=None):

@@ -29,6 +29,7 @@ from petalnode.compute._model_source import (
 if typing.TYPE_CHECKING:
     from petalnode.compute._device import choose_device, choose_dtype, configure_threads, parse_dtype
     from petalnode.compute._family import ModelFamily, family_for
+    from petalnode.compute._identity import span_digest_for
     from petalnode.compute._loader import ModelInfo, load_block_span, load_client_head, load_model_info
     from petalnode.compute._lora import LoraAdapter, active_adapter, attach_adapters, load_lora_adapter, span_adapters
     from petalnode.compute._session import DEFAULT_IDLE_TIMEOUT_S, InferenceSession, SessionManager
@@ -73,6 +74,7 @@ __all__ = [
     "span_adapters",
     "span_backward",
     "span_digest",
+    "span_digest_for",
     "span_forward",
 ]
 
@@ -80,6 +82,7 @@ __all__ = [
 __getattr__, __dir__ = _lazy.exports(__name__, globals(), {
     "petalnode.compute._device": ("choose_device", "choose_dtype", "configure_threads", "parse_dtype"),
     "petalnode.compute._family": ("ModelFamily", "family_for"),
+    "petalnode.compute._identity": ("span_digest_for",),
     "petalnode.compute._loader": ("ModelInfo", "load_block_span", "load_client_head", "load_model_info"),
     "petalnode.compute._lora": ("LoraAdapter", "active_adapter", "attach_adapters", "load_lora_adapter",
                                 "span_adapters"),

@@ -9,26 +9,22 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import functools
-import logging
 import os
 import threading
-from collections.abc import Callable, Coroutine, Sequence
-from pathlib import Path
+from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 import torch
 
 from petalnode._timeouts import DEFAULT_TIMEOUTS
 from petalnode.codecs import TensorCodec
-from petalnode.compute import ModelInfo, pins_from_json, span_digest
-from petalnode.errors import ClientTimeoutError, ClosedResourceError, ConfigError
+from petalnode.compute import ModelInfo, span_digest_for
+from petalnode.errors import ClientTimeoutError, ClosedResourceError
 from petalnode.identity import PeerAddress
 from petalnode.node._swarm_client import SwarmClient, SwarmSession
 from petalnode.node._swarm_view import SwarmView
 from petalnode.node._verification import DEFAULT_VERIFY_MODE
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 # The default of Timeouts.client_start; `connect` reads `timeouts.client_start` from its options.
 CONNECT_TIMEOUT_S = DEFAULT_TIMEOUTS.client_start
@@ -96,31 +92,6 @@ class RemoteChainSession:
                 self._loop.run(self.session.aclose(), timeout_s=10)
 
 
-def _client_span_digest(info: ModelInfo, pinned: str | os.PathLike[str] | None) -> Callable[[int, int], bytes]:
-    """What the client compares servers' announced digests with: pinned block digests, or its own copy's."""
-    if pinned is not None:
-        try:
-            name, digests = pins_from_json(Path(pinned).read_text())
-        except (OSError, ValueError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot use the pinned digests {pinned}: {e}") from e
-        if len(digests) != info.num_blocks:
-            raise ConfigError(f"the pinned digests {pinned} are for {len(digests)} blocks, {info.source.name} has "
-                              f"{info.num_blocks}")
-        if name != info.source.name:
-            log.warning("the pinned digests %s were written for %r; using them for %r", pinned, name,
-                        info.source.name)
-        return functools.partial(span_digest, digests.__getitem__)
-    try:
-        info.block_digests(range(info.num_blocks))  # every later span_digest call is a lookup, no I/O
-    except ConfigError as e:
-        raise ConfigError(
-            f"{e}: this copy of {info.source.name} cannot tell which servers have the same weights. Pin the digests "
-            "from a full copy (`petalnode digest --model DIR > pins.json`, then pinned_digests='pins.json' or "
-            "--pinned-digests pins.json), or pass span_digest=None to trust every server's weights"
-        ) from e
-    return info.span_digest
-
-
 class RemoteBlockChain:
     """All blocks of a model, served by a swarm. Implements `petalnode.client.BlockChain`."""
 
@@ -154,7 +125,7 @@ class RemoteBlockChain:
             ConfigError: the local copy lacks block weights and no digests are pinned, or the pin file is bad.
         """
         if "span_digest" not in options:
-            options = {**options, "span_digest": _client_span_digest(info, pinned_digests)}
+            options = {**options, "span_digest": span_digest_for(info, pinned_digests)}
         options.setdefault("verify", DEFAULT_VERIFY_MODE)
         if "referee" not in options and getattr(info.source, "path", None) is not None:
             from petalnode.node._referee import LocalReferee

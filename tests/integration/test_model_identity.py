@@ -8,6 +8,7 @@ client that checks (the default) never does, and its greedy tokens equal local t
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -67,6 +68,11 @@ def mixed_swarm(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         swarm.stop()
 
 
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "petalnode.cli", *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PETALNODE_NUM_THREADS": "1"}, stdin=subprocess.DEVNULL)
+
+
 def _peer(server) -> object:
     return PeerAddress.parse(server.info["address"]).peer_id
 
@@ -113,14 +119,22 @@ def test_a_client_without_block_weights_checks_servers_against_pinned_digests(
                   str(head_only / "model.safetensors"), metadata=handle.metadata())
     with pytest.raises(ConfigError, match=r"has no tensors for block 0.*petalnode digest"):
         _generate(head_only, swarm.bootstrap_address)
-    pins = subprocess.run([sys.executable, "-m", "petalnode.cli", "digest", "--model", str(ours)], check=True,
-                          capture_output=True, text=True, timeout=120).stdout  # on a machine with the full copy
+    pins = _cli("digest", "--model", str(ours)).stdout  # on a machine with the full copy
     (tmp_path / "pins.json").write_text(pins)
     expected = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).generate(
         PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False)
     tokens, used = _generate(head_only, swarm.bootstrap_address, pinned_digests=tmp_path / "pins.json")
     assert used == {_peer(s) for s in honest}
     assert torch.equal(tokens, expected)
+    # `status` from the same copy: the other weights are marked with the pins, and unchecked without them.
+    status = _cli("status", "--bootstrap", swarm.bootstrap_address, "--model", str(head_only),
+                  "--pinned-digests", str(tmp_path / "pins.json"))
+    assert status.returncode == 0, status.stderr
+    rows = {line.split()[0]: line.split()[3] for line in status.stdout.splitlines()[2:5]}
+    assert rows["0-5"].startswith("OTHER:") and not rows["0-2"].startswith("OTHER")
+    assert "online server with these weights" in status.stdout
+    unchecked = _cli("status", "--bootstrap", swarm.bootstrap_address, "--model", str(head_only))
+    assert "weights not checked" in unchecked.stderr and "OTHER" not in unchecked.stdout
 
 
 def test_no_route_says_the_only_server_left_has_other_weights(mixed_swarm) -> None:
