@@ -351,8 +351,9 @@ class Node:
         self._tasks.spawn(self._sweep_idle_sessions(), name="sweep-idle-sessions")
         if options.rebalance_period_s and options.blocks is None:
             self._tasks.spawn(self._rebalance_loop(options.rebalance_period_s), name="rebalance")
-        log.info("serving blocks %d:%d of %s at %s (%.1f steps/s per block, cache for %d tokens)",
-                 start, end, model, self.address, hosted.throughput, sessions.free_tokens)
+        log.info("serving blocks %d:%d of %s (weights %s) at %s (%.1f steps/s per block, cache for %d tokens)",
+                 start, end, model, hosted.span_digest.hex()[:12] if hosted.span_digest else "unhashed", self.address,
+                 hosted.throughput, sessions.free_tokens)
 
     async def _load(self, start: int, end: int) -> tuple[HostedSpan, SessionManager]:
         """Load blocks [start, end), measure them, and give them a session manager with the cache budget."""
