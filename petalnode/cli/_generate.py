@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import sys
 import time
+from pathlib import Path
 
 from petalnode.cli._swarm_key import add_swarm_key_option, swarm_key_from_args
 from petalnode.errors import ConfigError
@@ -34,6 +35,9 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
                         help="how long one server may take for one step before the client fails over "
                              "(default: Timeouts.step, 60)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--pinned-digests", type=Path, default=None, metavar="FILE",
+                        help="the model's block digests from `petalnode digest` (for a copy without block weights): "
+                             "only servers with these weights are used")
     parser.add_argument("--verify", choices=["off", "sample", "full"], default=None,
                         help="re-check servers' outputs on other servers: sample (default with --bootstrap: every "
                              "position is checked before the answer is final, a streamed token may be retracted), "
@@ -76,7 +80,8 @@ def run_generate(args: argparse.Namespace) -> int:
                 timeouts = timeouts.replace(step=args.step_timeout)
             verify = args.verify or ("sample" if args.bootstrap else "off")
             chain = RemoteBlockChain.connect(info, bootstrap=bootstrap, codec=TensorCodec(args.codec),
-                                             timeouts=timeouts, swarm_key=swarm_key, verify=verify)
+                                             timeouts=timeouts, swarm_key=swarm_key, verify=verify,
+                                             pinned_digests=args.pinned_digests)
             stack.callback(chain.close)
             model = AutoDistributedModelForCausalLM.from_pretrained(info.source, chain=chain)
         return _generate(model, tokenizer, input_ids, args)

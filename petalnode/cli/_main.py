@@ -7,6 +7,7 @@ import logging
 import sys
 
 from petalnode.cli._daemon import add_daemon_parsers
+from petalnode.cli._digest import add_digest_parser
 from petalnode.cli._generate import add_generate_parser
 from petalnode.cli._status import add_status_parser
 from petalnode.cli._swarm_key import add_swarm_key_parser
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_daemon_parsers(commands)
+    add_digest_parser(commands)
     add_generate_parser(commands)
     add_status_parser(commands)
     add_swarm_key_parser(commands)

@@ -17,6 +17,7 @@ from petalnode.compute._budget import (
     plan_blocks,
     plan_serving,
 )
+from petalnode.compute._digest import DIGEST_BYTES, pins_from_json, pins_to_json, short_digest, span_digest
 from petalnode.compute._model_source import (
     DEFAULT_MODEL,
     ModelSource,
@@ -28,6 +29,7 @@ from petalnode.compute._model_source import (
 if typing.TYPE_CHECKING:
     from petalnode.compute._device import choose_device, choose_dtype, configure_threads, parse_dtype
     from petalnode.compute._family import ModelFamily, family_for
+    from petalnode.compute._identity import span_digest_for
     from petalnode.compute._loader import ModelInfo, load_block_span, load_client_head, load_model_info
     from petalnode.compute._lora import LoraAdapter, active_adapter, attach_adapters, load_lora_adapter, span_adapters
     from petalnode.compute._session import DEFAULT_IDLE_TIMEOUT_S, InferenceSession, SessionManager
@@ -38,6 +40,7 @@ __all__ = [
     "DEFAULT_CACHE_TOKENS_PER_BLOCK",
     "DEFAULT_IDLE_TIMEOUT_S",
     "DEFAULT_MODEL",
+    "DIGEST_BYTES",
     "BlockPlan",
     "CheckpointReader",
     "InferenceSession",
@@ -62,11 +65,16 @@ __all__ = [
     "load_model_info",
     "parse_dtype",
     "parse_size",
+    "pins_from_json",
+    "pins_to_json",
     "plan_blocks",
     "plan_serving",
     "resolve_model",
+    "short_digest",
     "span_adapters",
     "span_backward",
+    "span_digest",
+    "span_digest_for",
     "span_forward",
 ]
 
@@ -74,6 +82,7 @@ __all__ = [
 __getattr__, __dir__ = _lazy.exports(__name__, globals(), {
     "petalnode.compute._device": ("choose_device", "choose_dtype", "configure_threads", "parse_dtype"),
     "petalnode.compute._family": ("ModelFamily", "family_for"),
+    "petalnode.compute._identity": ("span_digest_for",),
     "petalnode.compute._loader": ("ModelInfo", "load_block_span", "load_client_head", "load_model_info"),
     "petalnode.compute._lora": ("LoraAdapter", "active_adapter", "attach_adapters", "load_lora_adapter",
                                 "span_adapters"),

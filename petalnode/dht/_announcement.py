@@ -7,11 +7,14 @@
 #   and a refresh of a 20-block span is 3-4 stores, not 20. The announcement inside says which blocks of the
 #   group the server really hosts; readers drop it where its range misses the group it was found under.
 # - The group size is part of the key text, so peers that group differently never misread each other's keys.
-# - Wire form: a registered petalnode.codecs message (KIND "dht.announcement", VERSION 1), so the envelope
+# - Wire form: a registered petalnode.codecs message (KIND "dht.announcement", VERSION 2), so the envelope
 #   {"k": kind, "v": version, "b": body}, with one-letter body keys (`wire_name`) to keep records small:
 #   s state, m model, a start_block, b end_block, t throughput, c cache_tokens_left, x addresses, v version,
-#   n public_name, l adapters (n and l left out while None and empty). Record.value is exactly these bytes, and
-#   the record signature covers them.
+#   n public_name, l adapters, d span_digest (n, l and d left out while None / empty). Record.value is exactly
+#   these bytes, and the record signature covers them.
+# - VERSION 2 added d: the content digest of blocks [a, b) of the weights the server loaded (compute/_digest.py,
+#   32 bytes); "m" stays the human-readable name. A VERSION 1 record reads with span_digest None (clients that
+#   check identity do not route through it).
 # - Versions: a reader decodes an announcement of a newer VERSION, ignoring body keys it does not know (fields
 #   added later), and checks the ones it knows as usual; one that then fails (a field it requires is missing or
 #   has another type) is refused with a CodecError naming the field, and a swarm lookup skips just that record
@@ -31,11 +34,14 @@ from petalnode.errors import CodecError
 MAX_ADDRESSES = 8
 MAX_ADDRESS_CHARS = 160
 MAX_VERSION_CHARS = 32
-MAX_PUBLIC_NAME_CHARS = 64
+# 48, not 64 as in VERSION 1: the 34 bytes of the span digest (VERSION 2) must still fit the largest record in
+# MAX_VALUE_BYTES (1017 bytes with every field at its limit; 1033 with a 64-character name).
+MAX_PUBLIC_NAME_CHARS = 48
 MAX_MODEL_CHARS = 128
 MAX_BLOCKS = 100_000
 MAX_ADAPTERS = 8
 MAX_ADAPTER_CHARS = 64
+SPAN_DIGEST_BYTES = 32  # sha256 (compute/_digest.py DIGEST_BYTES; dht does not import compute)
 # An announcement is one record value: at most MAX_VALUE_BYTES, a handful of maps and arrays (the envelope, the
 # body, addresses, adapters), each at most 64 items; depth 8 leaves room for nested fields of later versions.
 ANNOUNCEMENT_LIMITS = CodecLimits(
@@ -83,7 +89,7 @@ class Announcement(Message):
     """One server's state for its contiguous block range [start_block, end_block)."""
 
     KIND: ClassVar[str] = "dht.announcement"
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
 
     state: ServerState = wire_field(wire_name="s")
     model: str = wire_field(wire_name="m", max_len=MAX_MODEL_CHARS)
@@ -96,6 +102,8 @@ class Announcement(Message):
     public_name: str | None = wire_field(default=None, wire_name="n", max_len=MAX_PUBLIC_NAME_CHARS, omit_default=True)
     # Names of the LoRA adapters this server can apply (clients asking for one route only through such servers).
     adapters: tuple[str, ...] = wire_field(default=(), wire_name="l", max_len=MAX_ADAPTERS, omit_default=True)
+    # VERSION 2: which weights these are (the digest of blocks [start_block, end_block), see compute/_digest.py).
+    span_digest: bytes | None = wire_field(default=None, wire_name="d", max_len=SPAN_DIGEST_BYTES, omit_default=True)
 
     def __post_init__(self) -> None:
         if not isinstance(self.state, ServerState):
@@ -120,6 +128,9 @@ class Announcement(Message):
             raise CodecError(f"announcement adapters must be a tuple of at most {MAX_ADAPTERS}")
         for adapter in self.adapters:
             _check_text("adapter", adapter, MAX_ADAPTER_CHARS, allow_empty=False)
+        if self.span_digest is not None and (
+                not isinstance(self.span_digest, bytes) or len(self.span_digest) != SPAN_DIGEST_BYTES):
+            raise CodecError(f"announcement span_digest must be {SPAN_DIGEST_BYTES} bytes")
 
     def block_keys(self) -> list[str]:
         """The keys this announcement belongs under (see `block_keys`)."""

@@ -14,7 +14,7 @@ from petalnode.node._fair_share import FairShareLimits
 from petalnode.node._local_swarm import LocalSwarm, SwarmProcess, parse_span
 from petalnode.node._node import DEFAULT_RECORD_TTL_S, Node, NodeState, ServeOptions
 from petalnode.node._placement import choose_blocks, should_move
-from petalnode.node._routing import RouteHop, choose_route, route_cost_s
+from petalnode.node._routing import RouteHop, choose_route, route_cost_s, same_weights
 from petalnode.node._signaling import NatOptions, Signaling
 from petalnode.node._swarm import fetch_swarm
 from petalnode.node._swarm_view import ServerView, SwarmView, describe_runs
@@ -60,6 +60,7 @@ __all__ = [
     "fetch_swarm",
     "parse_span",
     "route_cost_s",
+    "same_weights",
     "should_move",
 ]
 

@@ -67,6 +67,8 @@ class HostedSpan:
     throughput: float
     # Names of the LoRA adapters attached to `span` (a request may select one of them).
     adapters: frozenset[str] = frozenset()
+    # Content digest of the loaded weights of [start, end) (compute/_digest.py), announced; None if unknown.
+    span_digest: bytes | None = None
 
 
 class BlockServer:

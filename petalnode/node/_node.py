@@ -351,8 +351,9 @@ class Node:
         self._tasks.spawn(self._sweep_idle_sessions(), name="sweep-idle-sessions")
         if options.rebalance_period_s and options.blocks is None:
             self._tasks.spawn(self._rebalance_loop(options.rebalance_period_s), name="rebalance")
-        log.info("serving blocks %d:%d of %s at %s (%.1f steps/s per block, cache for %d tokens)",
-                 start, end, model, self.address, hosted.throughput, sessions.free_tokens)
+        log.info("serving blocks %d:%d of %s (weights %s) at %s (%.1f steps/s per block, cache for %d tokens)",
+                 start, end, model, hosted.span_digest.hex()[:12] if hosted.span_digest else "unhashed", self.address,
+                 hosted.throughput, sessions.free_tokens)
 
     async def _load(self, start: int, end: int) -> tuple[HostedSpan, SessionManager]:
         """Load blocks [start, end), measure them, and give them a session manager with the cache budget."""
@@ -383,6 +384,7 @@ class Node:
                                                                    dtype=dtype, device=device))
             log.info("LoRA adapters on blocks %d:%d: %s", start, end, ", ".join(sorted(adapters)))
         self.reloads += 1
+        digest = await compute.offload(lambda: _span_digest(info, start, end))
         throughput = await compute.offload(lambda: compute.throughput(info, span, dtype, device))
         sessions = SessionManager(
             span, cache_budget_bytes=cache_bytes, kv_bytes_per_token_per_block=info.kv_bytes_per_token_per_block(dtype),
@@ -390,7 +392,7 @@ class Node:
             clock=asyncio.get_running_loop().time,
         )
         hosted = HostedSpan(model=info.source.name, start=start, end=end, span=span, hidden_size=info.hidden_size,
-                            dtype=dtype, throughput=throughput, adapters=adapters)
+                            dtype=dtype, throughput=throughput, adapters=adapters, span_digest=digest)
         return hosted, sessions
 
     async def _announce_online(self, hosted: HostedSpan, sessions: SessionManager) -> None:
@@ -400,7 +402,7 @@ class Node:
 
         def current() -> bytes:
             return announce(ServerState.ONLINE, hosted.start, hosted.end, hosted.throughput, sessions.free_tokens,
-                            hosted.adapters)
+                            hosted.adapters, hosted.span_digest)
 
         await self.dht.store_many(keys, current())
         if self._refresh is not None:
@@ -442,7 +444,7 @@ class Node:
             # Readers ignore an announcement found under blocks outside its range, so restating the new one
             # under the old keys takes us off those blocks at once (those records then expire unrefreshed).
             await self.dht.store_many(left, announce(ServerState.ONLINE, start, end, hosted.throughput,
-                                                     sessions.free_tokens, hosted.adapters))
+                                                     sessions.free_tokens, hosted.adapters, hosted.span_digest))
         # Old sessions are handed back at their next step; any still idle expire with the old manager.
         self._tasks.spawn(self._retire(old_sessions), name="retire-sessions")
 
@@ -465,11 +467,12 @@ class Node:
         address = str(self.address)
 
         def announce(state: ServerState, start: int, end: int, throughput: float, cache_tokens: int,
-                     adapters: Collection[str] = ()) -> bytes:
+                     adapters: Collection[str] = (), span_digest: bytes | None = None) -> bytes:
             return Announcement(
                 state=state, model=model, start_block=start, end_block=end, throughput=float(throughput),
                 cache_tokens_left=int(cache_tokens), addresses=(address,), version=__version__,
                 public_name=options.public_name if options else None, adapters=tuple(sorted(adapters)),
+                span_digest=span_digest,
             ).to_bytes()
 
         return announce
@@ -543,6 +546,13 @@ class Node:
         if self._server is not None and self.serve_options is not None:
             # Finish the steps being computed (their replies go out); later steps are handed back.
             await self._server.wait_idle(self.serve_options.drain_timeout_s)
+
+
+def _span_digest(info: Any, start: int, end: int) -> bytes | None:
+    """The content digest of blocks [start, end) (hashed once, then cached next to the weights); None for a
+    model description without weights (the simulator's stand-in)."""
+    digest = getattr(info, "span_digest", None)
+    return digest(start, end) if digest is not None else None
 
 
 def _keys(model: str, start: int, end: int) -> list[str]:

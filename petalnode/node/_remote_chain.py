@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import os
 import threading
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
@@ -17,7 +18,7 @@ import torch
 
 from petalnode._timeouts import DEFAULT_TIMEOUTS
 from petalnode.codecs import TensorCodec
-from petalnode.compute import ModelInfo
+from petalnode.compute import ModelInfo, span_digest_for
 from petalnode.errors import ClientTimeoutError, ClosedResourceError
 from petalnode.identity import PeerAddress
 from petalnode.node._swarm_client import SwarmClient, SwarmSession
@@ -107,13 +108,24 @@ class RemoteBlockChain:
         bootstrap: Sequence[str | PeerAddress],
         dtype: torch.dtype = torch.float32,
         codec: TensorCodec | str = TensorCodec.RAW,
+        pinned_digests: str | os.PathLike[str] | None = None,
         **options: Any,
     ) -> RemoteBlockChain:
         """Join the swarm of `info`'s model as a client (options go to `SwarmClient`).
 
+        Routes use only servers whose weights equal this client's copy (`span_digest`, see node/_routing.py):
+        the digests of all blocks are computed here once (hashed, or read from the cache next to the weights).
+        A client without the blocks' weights passes `pinned_digests`, a file written by `petalnode digest` on a
+        machine with the full model; `span_digest=None` skips the check (every server's weights are trusted).
+
         `verify` defaults to "sample" here: a swarm reached through a bootstrap address is made of strangers'
         machines (pass verify="off" for servers you run yourself, "full" to check every step before it is used).
+
+        Raises:
+            ConfigError: the local copy lacks block weights and no digests are pinned, or the pin file is bad.
         """
+        if "span_digest" not in options:
+            options = {**options, "span_digest": span_digest_for(info, pinned_digests)}
         options.setdefault("verify", DEFAULT_VERIFY_MODE)
         if "referee" not in options and getattr(info.source, "path", None) is not None:
             from petalnode.node._referee import LocalReferee

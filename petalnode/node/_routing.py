@@ -5,6 +5,9 @@
 # - A route covers [start, end) exactly once, in order: hop i ends where hop i+1 starts, no hop is empty, and no
 #   two consecutive hops use the same server (they would be merged: one hop is never worse than two).
 # - Only ONLINE, non-banned servers with enough cache tokens are used, and each only inside its announced span.
+# - With `span_digest` (the client's own digests, compute/_digest.py), only servers whose announced span digest
+#   equals the client's digest of that server's announced [start, end) are used: same name, other weights (a
+#   fine-tune, a corrupted download, another quantization) never enter a route.
 # - The cost of a route is the expected latency of one decode step:
 #       sum over hops of  rtt(server) + hop_penalty_s + blocks_in_hop / throughput(server)
 #   and the returned route minimizes it (up to the optional jitter). Petals runs Dijkstra over (server, block)
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from petalnode.dht import ServerState
@@ -55,6 +58,7 @@ def choose_route(
     rng: random.Random | None = None,
     model: str | None = None,
     adapter: str | None = None,
+    span_digest: Callable[[int, int], bytes] | None = None,
 ) -> list[RouteHop]:
     """The chain of servers through blocks [start, end) with the lowest expected decode-step latency.
 
@@ -73,6 +77,8 @@ def choose_route(
         rng: if given, costs get a small random jitter (see ROUTE_JITTER) to spread clients.
         model: only for the error message.
         adapter: only servers announcing this LoRA adapter are eligible.
+        span_digest: the client's digest of blocks [a, b) of its copy of the model; when given, only servers
+            announcing exactly that digest for their [start, end) are eligible (None: no identity check).
 
     Raises:
         NoRouteError: some blocks in [start, end) have no eligible server (none online, or all banned, joining
@@ -87,6 +93,7 @@ def choose_route(
         s for s in (view.servers[p] for p in sorted(view.servers))
         if s.state == ServerState.ONLINE and s.peer_id not in banned and s.cache_tokens_left >= min_cache_tokens
         and s.start < end and s.end > start and (adapter is None or adapter in s.adapters)
+        and (span_digest is None or same_weights(s, span_digest))
     ]
     covered = [False] * (end - start)
     for s in eligible:
@@ -94,7 +101,8 @@ def choose_route(
             covered[block - start] = True
     if not all(covered):
         missing = [(a + start, b + start) for a, b in runs_where([not c for c in covered])]
-        raise _no_route(missing, model or view.model, _why(view, missing, banned, min_cache_tokens, adapter))
+        raise _no_route(missing, model or view.model,
+                        _why(view, missing, banned, min_cache_tokens, adapter, span_digest))
 
     # Per server: fixed cost per hop and seconds per block, both scaled by the jitter factor.
     fixed: list[float] = []
@@ -158,6 +166,11 @@ def route_cost_s(
     )
 
 
+def same_weights(server: ServerView, span_digest: Callable[[int, int], bytes]) -> bool:
+    """Whether `server` announced the digest the client computes for the server's announced span."""
+    return server.span_digest is not None and server.span_digest == span_digest(server.start, server.end)
+
+
 def _no_route(missing: list[tuple[int, int]], model: str | None, detail: str) -> NoRouteError:
     what = describe_runs(missing)
     verb = "has" if what.startswith("block ") else "have"
@@ -167,15 +180,19 @@ def _no_route(missing: list[tuple[int, int]], model: str | None, detail: str) ->
 
 def _why(
     view: SwarmView, missing: list[tuple[int, int]], banned: set[PeerId], min_cache_tokens: int,
-    adapter: str | None = None,
+    adapter: str | None = None, span_digest: Callable[[int, int], bytes] | None = None,
 ) -> str:
     # Say why servers that do host a missing block were not used, so "no server" is never a riddle.
     reasons: dict[str, int] = {}
+    other_weights = 0
     for s in view.servers.values():
         if not any(s.start < b and s.end > a for a, b in missing):
             continue
         if s.state != ServerState.ONLINE:
             reason = s.state.name.lower()
+        elif span_digest is not None and not same_weights(s, span_digest):
+            other_weights += 1
+            continue
         elif s.peer_id in banned:
             reason = "banned after failures"
         elif adapter is not None and adapter not in s.adapters:
@@ -184,6 +201,10 @@ def _why(
             reason = f"without cache for {min_cache_tokens} tokens" if s.cache_tokens_left < min_cache_tokens else ""
         if reason:
             reasons[reason] = reasons.get(reason, 0) + 1
-    if not reasons:
+    parts = [f"{n} {r}" for r, n in sorted(reasons.items())]
+    if other_weights:
+        parts.append(f"{other_weights} server{'s' if other_weights != 1 else ''} with other weights (their span "
+                     "digest differs from this client's copy of the model, or is missing)")
+    if not parts:
         return ""
-    return " (servers there: " + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) + ")"
+    return " (servers there: " + ", ".join(parts) + ")"

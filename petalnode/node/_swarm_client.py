@@ -390,11 +390,14 @@ class SwarmClient:
         listen_host: str = "0.0.0.0",
         dht_options: dict[str, Any] | None = None,
         swarm_key: SwarmKey | str | os.PathLike[str] | None = None,
+        span_digest: Callable[[int, int], bytes] | None = None,
         verify: VerifyMode | str = VerifyMode.OFF,
         referee: Referee | None = None,
     ) -> None:
         # swarm_key: a private swarm's key or its file: the DHT and the default TCP transport are keyed with it
         # (a given `transport` must be keyed by the caller).
+        # span_digest: this client's digest of blocks [a, b) of its copy of the model (ModelInfo.span_digest):
+        # routes use only servers announcing the same digest for their span (None: no identity check).
         # verify: re-check servers' outputs on other servers ("off", "sample", "full"; see _verification.py).
         # Off here, the building block; the library and the CLI default to "sample" for a stranger's swarm.
         # referee: decides a dispute between two servers when no third hosts the blocks (see _referee.py).
@@ -413,6 +416,7 @@ class SwarmClient:
         self.bootstrap = [a if isinstance(a, PeerAddress) else PeerAddress.parse(a) for a in bootstrap]
         self.identity = identity or Identity.generate()
         self.swarm_key = load_swarm_key(swarm_key)
+        self.span_digest = span_digest
         self.rng = random.Random(seed)
         self.verify = VerifyMode.parse(verify)
         self.referee = referee
@@ -789,6 +793,7 @@ class SwarmClient:
                 return choose_route(
                     view, start=start, end=end, rtt_s=self.rtt, banned=self.bans.banned() | avoid,
                     min_cache_tokens=min_cache_tokens, rng=self.rng, model=self.model, adapter=adapter,
+                    span_digest=self.span_digest,
                 )
             except NoRouteError as e:
                 delay_s = route_retry_delay_s(view_is_fresh=fresh, now=loop.time(), deadline=deadline)

@@ -33,6 +33,8 @@ class ServerView:
     public_name: str | None
     version: str
     adapters: tuple[str, ...] = ()
+    # The content digest of the weights of [start, end) it announced (None: an older server, or still joining).
+    span_digest: bytes | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.start < self.end:
@@ -45,7 +47,7 @@ class ServerView:
             throughput=announcement.throughput, state=announcement.state,
             cache_tokens_left=announcement.cache_tokens_left, addresses=announcement.addresses,
             public_name=announcement.public_name, version=announcement.version,
-            adapters=announcement.adapters,
+            adapters=announcement.adapters, span_digest=announcement.span_digest,
         )
 
     @property

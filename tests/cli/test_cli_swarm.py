@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from petalnode.compute import load_model_info
 from petalnode.identity import Identity
 from petalnode.node import LocalSwarm
 
@@ -34,10 +35,12 @@ def test_status_shows_servers_and_the_missing_blocks(half_swarm: LocalSwarm, tin
     result = _petalnode("status", "--bootstrap", half_swarm.bootstrap_address, "--model", str(tiny_model_dir))
     assert result.returncode == 1, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == f"model {tiny_model_dir.name}: 6 blocks, 1 servers"
-    assert lines[1].split()[:6] == ["blocks", "peer", "state", "steps/s/block", "cache", "tokens"]
+    digest = load_model_info(tiny_model_dir).span_digest(0, 6).hex()[:12]  # the model's identity, short form
+    assert lines[0] == f"model {tiny_model_dir.name} (digest {digest}): 6 blocks, 1 servers"
+    assert lines[1].split()[:7] == ["blocks", "peer", "state", "digest", "steps/s/block", "cache", "tokens"]
     row = lines[2].split()
     assert row[0] == "0-2" and row[2] == "online" and "alice" in row
+    assert row[3] == load_model_info(tiny_model_dir).span_digest(0, 3).hex()[:12]  # the server's span, same weights
     assert f"NOT SERVABLE: blocks 3-5 of {tiny_model_dir.name} have no online server" in result.stdout
     assert "--blocks 3:6" in result.stdout
 

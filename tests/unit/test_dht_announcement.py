@@ -8,6 +8,7 @@ announcements):
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import ClassVar
 
@@ -35,6 +36,9 @@ from petalnode.errors import CodecError
 
 GOLDEN_DIR = Path(__file__).parent / "golden" / "dht"
 PEER = "tcp://203.0.113.5:31337/3iyc5d3ozg5yl4kbhfmgsmhqc4edqsoy"
+DIGEST = bytes(range(32))  # a span digest (compute/_digest.py); any 32 bytes on the wire
+# Files written by VERSION 1 (before span digests), kept to prove that today's readers still read them.
+V1_GOLDEN = {"announcement_typical_v1"}
 
 
 def announcement(**overrides: object) -> Announcement:
@@ -46,28 +50,29 @@ def announcement(**overrides: object) -> Announcement:
     return Announcement(**fields)  # type: ignore[arg-type]
 
 
-# What servers announce: today's typical record (one address with the peer id, no name, no adapters), one with a
-# name and adapters, and the largest the limits allow (every text at its longest, MAX_ADAPTERS adapters; a second
-# address of the longest kind would not fit MAX_VALUE_BYTES, which to_bytes refuses).
+# What servers announce: today's typical record (one address with the peer id, the span digest, no name, no
+# adapters), one with a name and adapters (no digest: a joining server has not hashed yet), and the largest the
+# limits allow (every text at its longest, MAX_ADAPTERS adapters, a digest; a second address of the longest kind
+# would not fit MAX_VALUE_BYTES, which to_bytes refuses).
 CASES: dict[str, Announcement] = {
     "announcement_typical": announcement(model="SmolLM2-135M-Instruct", start_block=0, end_block=30,
                                          throughput=123.456789, cache_tokens_left=122880, addresses=(PEER,),
-                                         public_name=None),
+                                         public_name=None, span_digest=DIGEST),
     "announcement_named_with_adapters": announcement(state=ServerState.JOINING, adapters=("chat-lora", "sql-lora")),
     "announcement_offline": announcement(state=ServerState.OFFLINE, throughput=0.0, cache_tokens_left=0),
     "announcement_largest": announcement(
         model="m" * MAX_MODEL_CHARS, start_block=99_000, end_block=99_999, throughput=1e300,
         cache_tokens_left=2**53 - 1, addresses=("a" * MAX_ADDRESS_CHARS,), version="v" * MAX_VERSION_CHARS,
         public_name="n" * MAX_PUBLIC_NAME_CHARS,
-        adapters=tuple(f"{i}".ljust(MAX_ADAPTER_CHARS, "a") for i in range(MAX_ADAPTERS)),
+        adapters=tuple(f"{i}".ljust(MAX_ADAPTER_CHARS, "a") for i in range(MAX_ADAPTERS)), span_digest=DIGEST,
     ),
 }
 
 
 def newer_version_bytes() -> bytes:
-    """What a VERSION 2 server might send: a field this version does not know ("q")."""
+    """What a VERSION 3 server might send: a field this version does not know ("q")."""
     envelope = unpackb(CASES["announcement_named_with_adapters"].to_bytes())
-    envelope["v"] = 2
+    envelope["v"] = 3
     envelope["b"]["q"] = {"quantization": "nf4", "blocks": [4, 5]}
     return packb(envelope)
 
@@ -77,7 +82,7 @@ def write_golden() -> None:
     GOLDEN_DIR.mkdir(parents=True, exist_ok=True)
     for name, ann in CASES.items():
         (GOLDEN_DIR / f"{name}.msgpack").write_bytes(ann.to_bytes())
-    (GOLDEN_DIR / "announcement_from_version_2.msgpack").write_bytes(newer_version_bytes())
+    (GOLDEN_DIR / "announcement_from_version_3.msgpack").write_bytes(newer_version_bytes())
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -88,21 +93,40 @@ def test_encoding_matches_golden_bytes_and_decodes_back(name: str) -> None:
 
 
 def test_every_golden_file_has_a_case() -> None:
-    assert {p.stem for p in GOLDEN_DIR.glob("*.msgpack")} == {*CASES, "announcement_from_version_2"}
+    assert {p.stem for p in GOLDEN_DIR.glob("*.msgpack")} == {*CASES, *V1_GOLDEN, "announcement_from_version_3"}
+
+
+def test_a_version_1_record_is_still_read_without_a_digest() -> None:
+    old = (GOLDEN_DIR / "announcement_typical_v1.msgpack").read_bytes()
+    assert unpackb(old)["v"] == 1 and "d" not in unpackb(old)["b"]
+    assert Announcement.from_bytes(old) == dataclasses.replace(CASES["announcement_typical"], span_digest=None)
+
+
+def test_the_span_digest_is_32_bytes_under_d() -> None:
+    wire = unpackb(CASES["announcement_typical"].to_bytes())
+    assert wire["v"] == 2 and wire["b"]["d"] == DIGEST
+    assert Announcement.from_bytes(CASES["announcement_typical"].to_bytes()).span_digest == DIGEST
+    for bad in (b"", b"x" * 31, b"x" * 33, "00" * 32):
+        with pytest.raises(CodecError, match="span_digest"):
+            announcement(span_digest=bad)
+        with pytest.raises(CodecError, match="span_digest"):
+            Announcement.from_bytes(_body(d=bad))
 
 
 def test_wire_form_is_a_versioned_envelope_with_one_letter_keys() -> None:
     wire = unpackb(CASES["announcement_named_with_adapters"].to_bytes())
-    assert (wire["k"], wire["v"]) == ("dht.announcement", 1)
+    assert (wire["k"], wire["v"]) == ("dht.announcement", 2)
     assert list(wire["b"]) == ["s", "m", "a", "b", "t", "c", "x", "v", "n", "l"]
     assert wire["b"]["s"] == 1 and wire["b"]["l"] == ["chat-lora", "sql-lora"]
     # No public name and no adapters: left out, so a typical record pays nothing for them.
-    assert list(unpackb(CASES["announcement_typical"].to_bytes())["b"]) == ["s", "m", "a", "b", "t", "c", "x", "v"]
+    assert list(unpackb(CASES["announcement_typical"].to_bytes())["b"]) == ["s", "m", "a", "b", "t", "c", "x", "v",
+                                                                           "d"]
 
 
 def test_sizes_stay_compact() -> None:
-    # Measured: 146 bytes typical (121 in the unversioned one-letter map this replaced), 997 the largest (972).
-    assert len(CASES["announcement_typical"].to_bytes()) <= 150
+    # Measured: 182 bytes typical (146 at VERSION 1 without the digest, 121 in the unversioned one-letter map
+    # before), 1017 the largest (997 at VERSION 1 with 64-character names, 972 before).
+    assert len(CASES["announcement_typical"].to_bytes()) <= 185
     assert len(CASES["announcement_largest"].to_bytes()) <= MAX_VALUE_BYTES
     with pytest.raises(CodecError, match="exceeds the limit of 1024"):
         announcement(addresses=("a" * MAX_ADDRESS_CHARS,) * 2, **{
@@ -111,7 +135,7 @@ def test_sizes_stay_compact() -> None:
 
 
 def test_a_newer_version_is_read_and_its_unknown_fields_ignored() -> None:
-    golden = (GOLDEN_DIR / "announcement_from_version_2.msgpack").read_bytes()
+    golden = (GOLDEN_DIR / "announcement_from_version_3.msgpack").read_bytes()
     assert golden == newer_version_bytes()
     assert Announcement.from_bytes(golden) == CASES["announcement_named_with_adapters"]
 
@@ -126,7 +150,7 @@ def test_a_newer_version_that_drops_a_field_we_need_is_refused_with_the_reason()
 def test_unknown_fields_at_our_own_version_are_refused() -> None:
     envelope = unpackb(CASES["announcement_typical"].to_bytes())
     envelope["b"]["q"] = 1
-    with pytest.raises(CodecError, match="unknown fields 'q' at version 1"):
+    with pytest.raises(CodecError, match="unknown fields 'q' at version 2"):
         Announcement.from_bytes(packb(envelope))
 
 

@@ -152,9 +152,9 @@ def test_a_lookup_skips_announcements_it_refuses_and_keeps_the_rest() -> None:
                              expires_at=2e9, seq=1)
 
     newer = unpackb(ann(0, 6).to_bytes())
-    newer["v"], newer["b"]["q"] = 2, "a field added later"  # read: the unknown field is ignored
+    newer["v"], newer["b"]["q"] = Announcement.VERSION + 1, "a field added later"  # read: the unknown field is ignored
     broken = unpackb(ann(0, 6).to_bytes())
-    broken["v"] = 2
+    broken["v"] = Announcement.VERSION + 1
     del broken["b"]["m"]  # refused: a newer version without a field this one needs
     good, read, refused = (record(b"good", ann(0, 6).to_bytes()), record(b"newer", packb(newer)),
                            record(b"broken", packb(broken)))
