@@ -78,6 +78,7 @@ from petalnode.node._protocol import (
     OpenInference,
     ServerInfo,
 )
+from petalnode.node._observed import ObservedSpeeds
 from petalnode.node._routing import RouteHop, choose_route
 from petalnode.node._swarm import fetch_swarm
 from petalnode.node._swarm_view import ServerView, SwarmView, describe_runs
@@ -320,6 +321,8 @@ class SwarmClient:
         self.swarm_key = load_swarm_key(swarm_key)
         self.rng = random.Random(seed)
         self.rtt: dict[PeerId, float] = {}
+        # Round trips and decode-step latencies measured here, per server: routing trusts them over announcements.
+        self.speeds = ObservedSpeeds()
         self.bans: BanList = BanList(time.monotonic)
         self._given_transport = transport
         self._endpoint_factory = endpoint_factory
@@ -636,6 +639,7 @@ class SwarmClient:
                 return choose_route(
                     view, start=start, end=end, rtt_s=self.rtt, banned=self.bans.banned() | avoid,
                     min_cache_tokens=min_cache_tokens, rng=self.rng, model=self.model, adapter=adapter,
+                    observed=self._observed_throughputs(view),
                 )
             except NoRouteError as e:
                 delay_s = route_retry_delay_s(view_is_fresh=fresh, now=loop.time(), deadline=deadline)
@@ -666,7 +670,7 @@ class SwarmClient:
             try:
                 await rpc.call(_address_of(server), "info", InfoRequest(), expected=ServerInfo,
                                timeout_s=self.timeouts.rtt_probe)
-                self.rtt[server.peer_id] = loop.time() - started
+                self.rtt[server.peer_id] = self.speeds.record_rtt(server.peer_id, loop.time() - started, loop.time())
             except (PetalnodeError, OSError) as e:
                 log.debug("rtt probe of %s failed: %s", server.peer_id, e)
 
@@ -737,7 +741,17 @@ class SwarmClient:
                 raise
         return _Hop(peer_id=step.peer_id, start=step.start, end=step.end, stream=stream)
 
+    def _observed_throughputs(self, view: SwarmView) -> dict[PeerId, float]:
+        """What routing costs measured servers by; logs (once per server) claims far above the measurement."""
+        now = asyncio.get_running_loop().time()
+        claims = {p: s.throughput for p, s in view.servers.items()}
+        for found in self.speeds.discount(claims, now):
+            log.warning("server %s announces %.4g blocks/s but ran %.4g blocks/s for us; routing by what we measured",
+                        found.peer_id, found.claimed, found.observed)
+        return self.speeds.throughputs(now)
+
     async def _send_step(self, hop: _Hop, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        started = asyncio.get_running_loop().time()
         try:
             await hop.stream.send(InferenceStep(hidden=hidden.contiguous(), start_position=start),
                                   tensor_codec=self.codec)
@@ -754,6 +768,9 @@ class SwarmClient:
             )
         if not torch.isfinite(out).all():
             raise RemoteProtocolError(f"server {hop.peer_id} replied with non-finite hidden states")
+        if hidden.shape[1] == 1:  # decode steps only: what announced throughput describes (prefill costs more)
+            now = asyncio.get_running_loop().time()
+            self.speeds.record_step(hop.peer_id, hop.end - hop.start, now - started, now)
         return out.to(self.dtype)
 
 
