@@ -12,8 +12,8 @@ from petalnode.node._bans import BanList
 from petalnode.node._executor import PRIORITY_BULK, PRIORITY_INFERENCE, ComputeExecutor
 from petalnode.node._fair_share import FairShareLimits
 from petalnode.node._local_swarm import LocalSwarm, SwarmProcess, parse_span
-from petalnode.node._observed import ObservedSpeeds
 from petalnode.node._node import DEFAULT_RECORD_TTL_S, Node, NodeState, ServeOptions
+from petalnode.node._observed import ObservedSpeeds
 from petalnode.node._placement import choose_blocks, should_move
 from petalnode.node._routing import RouteHop, choose_route, costed_throughputs, route_cost_s
 from petalnode.node._signaling import NatOptions, Signaling

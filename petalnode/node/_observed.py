@@ -47,7 +47,7 @@ MAX_PEERS = 4096
 class DecayingMean:
     """A mean whose samples fade: a sample `age` seconds old weighs 2 ** (-age / half_life_s)."""
 
-    __slots__ = ("_half_life_s", "_total", "_weight", "_at")
+    __slots__ = ("_at", "_half_life_s", "_total", "_weight")
 
     def __init__(self, half_life_s: float) -> None:
         if not half_life_s > 0:

@@ -66,6 +66,7 @@ from petalnode.node._failover import (
     route_retry_delay_s,
     view_needs_refresh,
 )
+from petalnode.node._observed import ObservedSpeeds
 from petalnode.node._protocol import (
     BackwardRequest,
     BackwardResult,
@@ -78,7 +79,6 @@ from petalnode.node._protocol import (
     OpenInference,
     ServerInfo,
 )
-from petalnode.node._observed import ObservedSpeeds
 from petalnode.node._routing import RouteHop, choose_route
 from petalnode.node._swarm import fetch_swarm
 from petalnode.node._swarm_view import ServerView, SwarmView, describe_runs
