@@ -12,9 +12,11 @@
 #   claim is used again (capped by routing), so a server measured slow long ago gets another chance.
 # - An observed throughput is finite and positive: compute time per step is floored at MIN_COMPUTE_FRACTION of the
 #   step's latency, so a step no slower than the probe round trip (noise) never reads as infinitely fast.
-# - A server whose claim exceeds DISCOUNT_RATIO x its observed throughput (and by a material time) is discounted
-#   for good: from then on it is costed by what was measured, even after the measurement fades. Each server is
-#   reported as discounted once.
+# - A server whose claim exceeds DISCOUNT_RATIO x its observed throughput (and by a material time) is discounted:
+#   it is costed by what was measured even after the measurement fades, until DISCOUNT_MEMORY_S pass without a new
+#   observation of it; then it is a stranger again (so a server that was only overloaded, or got fixed, is tried
+#   again, and a persistent liar wins at most one session per client per DISCOUNT_MEMORY_S). Each server is
+#   reported as discounted once, however often it is discounted again.
 # - Memory is bounded: at most `max_peers` servers are remembered (the least recently observed is forgotten).
 from __future__ import annotations
 
@@ -40,6 +42,10 @@ DISCOUNT_SLACK_S_PER_BLOCK = 0.001
 """...and only if the claim understates the observed compute by more than 1 ms per block (30 ms per token on a
 30-block model): on tiny spans fixed per-step overheads (serialization, a thread hop) dwarf the compute, and a
 ratio alone would call every honest server a liar there."""
+DISCOUNT_MEMORY_S = 1800.0
+"""How long a discounted server's last measurement outlives its freshness (30 half-lives): long enough that a liar
+cannot win back sessions by waiting, short enough that an honest server caught overloaded is not costed by that
+moment all day."""
 MAX_PEERS = 4096
 """Servers remembered at most (a swarm's worth); the least recently observed is forgotten first."""
 
@@ -128,6 +134,7 @@ class ObservedSpeeds:
         self.fresh_weight = fresh_weight
         self.max_peers = max_peers
         self._peers: dict[PeerId, _Peer] = {}
+        self._reported: set[PeerId] = set()
 
     def _peer(self, peer_id: PeerId) -> _Peer:
         peer = self._peers.get(peer_id)
@@ -153,18 +160,29 @@ class ObservedSpeeds:
         if blocks < 1:
             raise ValueError(f"a step runs at least one block, got {blocks}")
         peer = self._peer(peer_id)
+        if peer.discounted and not self._remembers_discount(peer, now):
+            peer.discounted = False  # an old discount has lapsed: judged afresh from here
         peer.compute.add(compute_s_per_block(latency_s, peer.rtt.mean or 0.0, blocks), now)
+
+    @staticmethod
+    def _remembers_discount(peer: _Peer, now: float) -> bool:
+        return peer.discounted and now - peer.compute.last_at <= DISCOUNT_MEMORY_S
 
     def rtt_s(self, peer_id: PeerId) -> float | None:
         peer = self._peers.get(peer_id)
         return None if peer is None else peer.rtt.mean
 
+    def needs_probe(self, peer_id: PeerId, now: float) -> bool:
+        """Whether the server's round trip is unknown or stale (decayed below `fresh_weight`): probe it again."""
+        peer = self._peers.get(peer_id)
+        return peer is None or peer.rtt.weight(now) < self.fresh_weight
+
     def throughput(self, peer_id: PeerId, now: float) -> float | None:
-        """Observed blocks/s while the measurement is fresh (or for good once discounted); else None."""
+        """Observed blocks/s while the measurement is fresh (longer once discounted, see the header); else None."""
         peer = self._peers.get(peer_id)
         if peer is None or peer.compute.mean is None:
             return None
-        if not peer.discounted and peer.compute.weight(now) < self.fresh_weight:
+        if peer.compute.weight(now) < self.fresh_weight and not self._remembers_discount(peer, now):
             return None
         return 1.0 / peer.compute.mean
 
@@ -173,24 +191,28 @@ class ObservedSpeeds:
         return {p: t for p in self._peers if (t := self.throughput(p, now)) is not None}
 
     def discount(self, claims: Mapping[PeerId, float], now: float) -> list[Discounted]:
-        """Servers whose claim (blocks/s) is now found far above the observed throughput, each reported once.
+        """Servers whose claim (blocks/s) is now found far above the observed throughput, each reported once ever.
 
-        Marks them discounted (see the header); the caller logs them.
+        Marks them discounted (see the header); the caller logs what is returned.
         """
         found = []
         for peer_id, claimed in claims.items():
             peer = self._peers.get(peer_id)
-            if peer is None or peer.discounted:
+            if peer is None or self._remembers_discount(peer, now):
                 continue
             observed = self.throughput(peer_id, now)
             if observed is not None and is_overclaim(claimed, observed):
                 peer.discounted = True
-                found.append(Discounted(peer_id, claimed, observed))
+                if peer_id not in self._reported:
+                    if len(self._reported) >= self.max_peers:
+                        self._reported.clear()  # bounded; at worst a liar is logged a second time
+                    self._reported.add(peer_id)
+                    found.append(Discounted(peer_id, claimed, observed))
         return found
 
-    def is_discounted(self, peer_id: PeerId) -> bool:
+    def is_discounted(self, peer_id: PeerId, now: float) -> bool:
         peer = self._peers.get(peer_id)
-        return peer is not None and peer.discounted
+        return peer is not None and self._remembers_discount(peer, now)
 
 
 def _check_seconds(seconds: float, what: str) -> None:

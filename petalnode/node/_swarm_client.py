@@ -660,9 +660,10 @@ class SwarmClient:
                 await asyncio.sleep(delay_s)
 
     async def _probe_rtts(self, view: SwarmView) -> None:
-        """Measure round-trip times to servers not measured yet (an `info` call each, concurrently)."""
+        """Measure round-trip times to servers not measured lately (an `info` call each, concurrently)."""
         rpc = self._require_rpc()
-        unknown = [s for s in view.servers.values() if s.peer_id not in self.rtt and s.addresses][:16]
+        now = asyncio.get_running_loop().time()
+        unknown = [s for s in view.servers.values() if self.speeds.needs_probe(s.peer_id, now) and s.addresses][:16]
 
         async def probe(server: ServerView) -> None:
             loop = asyncio.get_running_loop()
