@@ -10,10 +10,11 @@
 #   and the returned route minimizes it (up to the optional jitter). Petals runs Dijkstra over (server, block)
 #   nodes; the same optimum is a shortest path over block boundaries 0..N, a DAG, solved here by one forward pass.
 # - throughput(server) is what the client observed (`observed`, from `_observed.ObservedSpeeds`) when it has a
-#   measurement; otherwise the server's claim, trusted only up to CLAIM_CAP x the low median of the positive claims
-#   of the online servers overlapping it (itself included). So an announcement alone can never make a server look
-#   more than CLAIM_CAP times faster than its typical peer on the same blocks, and a measured server is costed by
-#   its measurement whatever it announces (see `costed_throughputs`).
+#   measurement; otherwise the server's claim, trusted only up to CLAIM_CAP x min over its blocks of the block's
+#   low median claim (of the positive claims of the online servers hosting that block, itself included). So an
+#   announcement alone can never make a server look more than CLAIM_CAP times faster than the typical server on
+#   its slowest-typical block, and a measured server is costed by its measurement whatever it announces (see
+#   `costed_throughputs`).
 from __future__ import annotations
 
 import math
@@ -37,7 +38,7 @@ ROUTE_JITTER = 0.02
 """With an rng, each server's costs are scaled by a random factor in [1, 1 + ROUTE_JITTER): routes within about 2%
 of each other are chosen at random, which spreads clients over equal servers instead of all picking the first."""
 CLAIM_CAP = 4.0
-"""An unmeasured server's claim counts at most this multiple of the low median claim on its blocks. Same as
+"""An unmeasured server's claim counts at most this multiple of the typical claim on its blocks. Same as
 `_observed.DISCOUNT_RATIO`: a claim that would not be called a lie once measured is not capped before. Honest
 machines on one span may differ more (a GPU next to CPUs): such a server is still ranked first while unmeasured
 (4x beats every typical peer), gets tried, and from then on is costed by its measured speed, so the cap delays
@@ -166,19 +167,22 @@ def costed_throughputs(
 ) -> dict[PeerId, float]:
     """The blocks/s each server of `view` is costed by: observed if measured, else its claim capped (invariants).
 
-    Claims of 0 (a server that has not measured itself yet) are no claim: they never lower another's cap.
+    Claims of 0 (a server that has not measured itself yet) are no claim: they never lower a cap. Runs in
+    O(blocks x servers per block x log) plus O(sum of span lengths): per-block medians first, then a min per server.
     """
-    online = [s for s in view.servers.values() if s.state == ServerState.ONLINE and s.throughput > 0]
+    per_block: list[list[float]] = [[] for _ in range(view.num_blocks)]
+    for s in view.servers.values():
+        if s.state == ServerState.ONLINE and s.throughput > 0:
+            for block in range(max(s.start, 0), min(s.end, view.num_blocks)):
+                per_block[block].append(s.throughput)
+    low_median = [sorted(c)[(len(c) - 1) // 2] if c else math.inf for c in per_block]
     costed: dict[PeerId, float] = {}
     for s in view.servers.values():
         if s.peer_id in observed:
             costed[s.peer_id] = observed[s.peer_id]
             continue
-        claims = sorted([s.throughput] * (s.throughput > 0) + [
-            o.throughput for o in online if o.peer_id != s.peer_id and o.start < s.end and s.start < o.end
-        ])
-        cap = claim_cap * claims[(len(claims) - 1) // 2] if claims else math.inf
-        costed[s.peer_id] = min(s.throughput, cap)
+        typical = min(low_median[max(s.start, 0) : min(s.end, view.num_blocks)], default=math.inf)
+        costed[s.peer_id] = min(s.throughput, claim_cap * typical)
     return costed
 
 

@@ -196,18 +196,20 @@ def brute_force_cost(
 
 
 def brute_force_throughputs(view: SwarmView, observed: dict[PeerId, float]) -> dict[PeerId, float]:
-    """The invariant of _routing.py, written out plainly: observed, else the claim capped at CLAIM_CAP x the low
-    median of the positive claims of online servers sharing a block with it (itself included)."""
+    """The invariant of _routing.py, written out plainly: observed, else the claim capped at CLAIM_CAP x the least,
+    over the server's blocks, of the low median of the positive claims of the online servers hosting the block."""
     result = {}
     for s in view.servers.values():
         if s.peer_id in observed:
             result[s.peer_id] = observed[s.peer_id]
             continue
-        peers = [o.throughput for o in view.servers.values()
-                 if o.throughput > 0 and (o is s or (o.state == ONLINE and set(range(o.start, o.end))
-                                                     & set(range(s.start, s.end))))]
-        peers.sort()
-        result[s.peer_id] = min(s.throughput, CLAIM_CAP * peers[(len(peers) - 1) // 2]) if peers else s.throughput
+        cap = math.inf
+        for block in range(s.start, s.end):
+            claims = sorted(o.throughput for o in view.servers.values()
+                            if o.state == ONLINE and o.throughput > 0 and o.start <= block < o.end)
+            if claims:
+                cap = min(cap, CLAIM_CAP * claims[(len(claims) - 1) // 2])
+        result[s.peer_id] = min(s.throughput, cap)
     return result
 
 
@@ -296,7 +298,7 @@ def test_an_unmeasured_liar_is_capped_by_the_claims_around_it() -> None:
     assert costed_throughputs(view, {pid(0): 5000.0})[pid(0)] == 5000.0
 
 
-def test_the_cap_compares_only_servers_on_shared_blocks_and_ignores_zero_claims() -> None:
+def test_the_cap_compares_servers_block_by_block_and_ignores_zero_claims() -> None:
     view = swarm(10, server(1, 0, 5, throughput=10.0), server(2, 5, 10, throughput=10_000.0),
                  server(3, 0, 10, throughput=0.0), server(4, 4, 6, throughput=20.0, state=JOINING))
     costed = costed_throughputs(view)
@@ -306,3 +308,11 @@ def test_the_cap_compares_only_servers_on_shared_blocks_and_ignores_zero_claims(
     # A second opinion on server 2's blocks caps it.
     costed = costed_throughputs(view.with_server(server(5, 8, 10, throughput=50.0)))
     assert costed[pid(2)] == CLAIM_CAP * 50.0
+
+
+def test_a_liar_spanning_blocks_nobody_else_hosts_is_capped_by_the_blocks_others_do() -> None:
+    # Blocks 0-4: honest servers at 10 and 12 and the liar; blocks 5-9: the liar alone. Its cap comes from the
+    # shared blocks (low median of {10, 12, 1e6} = 12), not from its own claim on the blocks only it hosts.
+    view = swarm(10, server(1, 0, 5, throughput=10.0), server(2, 0, 5, throughput=12.0),
+                 server(3, 0, 10, throughput=1e6))
+    assert costed_throughputs(view)[pid(3)] == CLAIM_CAP * 12.0
