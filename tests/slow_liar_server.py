@@ -4,7 +4,8 @@ Run as `python -m tests.slow_liar_server --claim-factor 1000 --delay 0.03 --coun
 `petalnode` command with the real Node, except that the throughput it announces is `--claim-factor` times what it
 measured, and every inference step it computes first sleeps `--delay` seconds (so it is really slower than an
 honest server on the same machine). Its outputs are right. After each step it writes how many inference steps it
-has computed to `--count-file`, so a test can tell which generations went through it.
+has computed to `--count-file`, so a test can tell which generations went through it. `start_liar` starts it as
+one more server of a `LocalSwarm` (tests and benchmarks/measured_speed.py).
 
 A test-only tool: nothing in petalnode imports it, and no product flag does any of this.
 """
@@ -14,13 +15,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
 from petalnode.cli import main
-from petalnode.node import PRIORITY_INFERENCE, ComputeExecutor, TorchBackend
+from petalnode.node import PRIORITY_INFERENCE, ComputeExecutor, LocalSwarm, SwarmProcess, TorchBackend
+from petalnode.node._local_swarm import STARTUP_TIMEOUT_S
 
 
 def patch(claim_factor: float, delay_s: float, count_file: Path | None) -> None:
@@ -47,6 +51,32 @@ def patch(claim_factor: float, delay_s: float, count_file: Path | None) -> None:
 
     TorchBackend.throughput = lying_throughput  # type: ignore[method-assign]
     ComputeExecutor.run = slow_run  # type: ignore[method-assign]
+
+
+def start_liar(
+    swarm: LocalSwarm, model_dir: Path, count_file: Path, *, blocks: str, claim_factor: float, delay_s: float,
+    threads: int = 1,
+) -> SwarmProcess:
+    """Start this script as one more server of `swarm` (stopped with it); returns once it announced itself."""
+    ready, log_path = swarm.workdir / "liar.ready", swarm.workdir / "liar.log"
+    command = [
+        sys.executable, "-m", "tests.slow_liar_server", "--claim-factor", str(claim_factor), "--delay", str(delay_s),
+        "--count-file", str(count_file), "--",
+        "join", "--bootstrap", swarm.bootstrap_address, "--listen", "127.0.0.1:0", "--blocks", blocks,
+        "--model", str(model_dir), "--threads", str(threads), "--ready-file", str(ready),
+    ]
+    with open(log_path, "wb") as log_handle:
+        process = subprocess.Popen(command, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env=swarm.env, cwd=Path(__file__).resolve().parent.parent)
+    liar = SwarmProcess("server", process, ready, log_path)
+    swarm.servers.append(liar)
+    liar.wait_ready(time.monotonic() + STARTUP_TIMEOUT_S)
+    return liar
+
+
+def liar_steps(count_file: Path) -> int:
+    """Inference steps the liar computed so far."""
+    return int(count_file.read_text()) if count_file.exists() else 0
 
 
 def _write_count(path: Path, steps: int) -> None:

@@ -6,8 +6,6 @@ is then costed by what the client measured and logged once, and every output is 
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +16,8 @@ from transformers import AutoModelForCausalLM
 
 from petalnode.client import AutoDistributedModelForCausalLM
 from petalnode.identity import PeerAddress
-from petalnode.node import LocalSwarm, SwarmProcess
-from petalnode.node._local_swarm import STARTUP_TIMEOUT_S
+from petalnode.node import LocalSwarm
+from tests.slow_liar_server import liar_steps, start_liar
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -31,23 +29,6 @@ CLAIM_FACTOR = 1000.0
 LIAR_DELAY_S = 0.03
 
 
-def _start_liar(swarm: LocalSwarm, model_dir: Path, count_file: Path) -> SwarmProcess:
-    ready, log_path = swarm.workdir / "liar.ready", swarm.workdir / "liar.log"
-    command = [
-        sys.executable, "-m", "tests.slow_liar_server", "--claim-factor", str(CLAIM_FACTOR),
-        "--delay", str(LIAR_DELAY_S), "--count-file", str(count_file), "--",
-        "join", "--bootstrap", swarm.bootstrap_address, "--listen", "127.0.0.1:0", "--blocks", "0:6",
-        "--model", str(model_dir), "--threads", "1", "--ready-file", str(ready),
-    ]
-    with open(log_path, "wb") as log_handle:
-        process = subprocess.Popen(command, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=swarm.env)
-    liar = SwarmProcess("server", process, ready, log_path)
-    swarm.servers.append(liar)  # stopped with the swarm
-    liar.wait_ready(time.monotonic() + STARTUP_TIMEOUT_S)
-    return liar
-
-
 @pytest.fixture
 def swarm_with_liar(tiny_model_dir: Path, tmp_path: Path) -> Iterator[tuple[LocalSwarm, Path, dict, dict]]:
     swarm = LocalSwarm(str(tiny_model_dir), threads=1)
@@ -55,14 +36,11 @@ def swarm_with_liar(tiny_model_dir: Path, tmp_path: Path) -> Iterator[tuple[Loca
         swarm.start()
         honest = swarm.add_server(["--blocks", "0:6"])
         count_file = tmp_path / "liar-steps"
-        liar = _start_liar(swarm, tiny_model_dir, count_file)
+        liar = start_liar(swarm, tiny_model_dir, count_file, blocks="0:6", claim_factor=CLAIM_FACTOR,
+                          delay_s=LIAR_DELAY_S)
         yield swarm, count_file, honest.info, liar.info
     finally:
         swarm.stop()
-
-
-def _liar_steps(count_file: Path) -> int:
-    return int(count_file.read_text()) if count_file.exists() else 0
 
 
 def test_a_server_announcing_1000x_its_speed_does_not_attract_most_sessions(
@@ -80,10 +58,10 @@ def test_a_server_announcing_1000x_its_speed_does_not_attract_most_sessions(
         assert len(claims) == 2, claims
         with caplog.at_level(logging.WARNING, logger="petalnode.node._swarm_client"):
             for _ in range(GENERATIONS):
-                before = _liar_steps(count_file)
+                before = liar_steps(count_file)
                 out = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False)
                 assert torch.equal(out, expected)
-                through_liar.append(_liar_steps(count_file) > before)
+                through_liar.append(liar_steps(count_file) > before)
         speeds = model.chain.client.speeds
         observed = {str(p): round(t) for p, t in speeds.throughputs(time.monotonic()).items()}
     finally:
