@@ -26,6 +26,8 @@ and is only ever displayed, never evaluated).
     ├── ComputeError
     │   └── ShapeError                   a tensor of the wrong shape or dtype for the blocks
     ├── NoRouteError                     some blocks have no (usable) server
+    │   └── VerificationError            verify="full" could not check a step (no second server, no majority)
+    ├── VerificationRollback             outputs already returned were wrong: re-run from `position`
     ├── LocalSwarmError                  a process of the embedded local swarm failed to start
     │   └── StartupTimeoutError          (also a PetalnodeTimeoutError)
     └── RemoteError                      typed errors that travel back to an RPC caller
@@ -150,6 +152,21 @@ class NoRouteError(PetalnodeError):
     def __init__(self, message: str, *, missing: list[tuple[int, int]] | None = None) -> None:
         super().__init__(message)
         self.missing = list(missing or [])
+
+
+class VerificationError(NoRouteError):
+    """verify="full" could not check a step: no independent server hosts some blocks, or servers disagree with no
+    majority."""
+
+
+class VerificationRollback(PetalnodeError):
+    """A check found that outputs the session already returned were wrong (the liar is banned): the session now
+    holds positions [0, position) only, and the caller re-runs from there (the library's `generate` does)."""
+
+    def __init__(self, position: int) -> None:
+        super().__init__(f"outputs from position {position} on were wrong (a server lied and was banned); the "
+                         f"session rolled back to position {position}")
+        self.position = position
 
 
 class LocalSwarmError(PetalnodeError):

@@ -34,6 +34,11 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
                         help="how long one server may take for one step before the client fails over "
                              "(default: Timeouts.step, 60)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--verify", choices=["off", "sample", "full"], default=None,
+                        help="re-check servers' outputs on other servers: sample (default with --bootstrap: every "
+                             "position is checked before the answer is final, a streamed token may be retracted), "
+                             "full (every step before it is used), off (default for the local swarm: your own "
+                             "processes)")
     add_swarm_key_option(parser)
     parser.set_defaults(run=run_generate)
 
@@ -69,8 +74,9 @@ def run_generate(args: argparse.Namespace) -> int:
             timeouts = DEFAULT_TIMEOUTS.replace(wait_for_blocks=args.wait_for_blocks)
             if args.step_timeout is not None:
                 timeouts = timeouts.replace(step=args.step_timeout)
+            verify = args.verify or ("sample" if args.bootstrap else "off")
             chain = RemoteBlockChain.connect(info, bootstrap=bootstrap, codec=TensorCodec(args.codec),
-                                             timeouts=timeouts, swarm_key=swarm_key)
+                                             timeouts=timeouts, swarm_key=swarm_key, verify=verify)
             stack.callback(chain.close)
             model = AutoDistributedModelForCausalLM.from_pretrained(info.source, chain=chain)
         return _generate(model, tokenizer, input_ids, args)

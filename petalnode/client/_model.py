@@ -18,6 +18,7 @@ announce. `DistributedModelForSequenceClassification` adds a trainable classific
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -31,7 +32,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassi
 from petalnode.client._chain import BlockChain, ChainSession, LocalBlockChain
 from petalnode.client._ptune import PromptTuning
 from petalnode.compute import ModelInfo, load_client_head, load_model_info
-from petalnode.errors import BadRequestError, InvalidStateError
+from petalnode.errors import BadRequestError, InvalidStateError, VerificationRollback
+
+log = logging.getLogger(__name__)
+# A generate() call re-runs at most this often after verification found wrong outputs (each time a liar was banned).
+MAX_VERIFICATION_RERUNS = 8
 
 # transformers 5.x renamed the outputs' `past_key_values` field to `cache` (the old name warns on every generate).
 _OUTPUT_CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
@@ -44,6 +49,8 @@ class _ActiveSession:
     history: torch.Tensor | None = None  # [batch, position] token ids already in the caches
     new_generate_call: bool = True
     owner_depth: int = field(default=0)
+    # After a verification rollback: how many leading tokens of the next generate() call the caches already hold.
+    skip_next: int | None = None
 
 
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
@@ -96,7 +103,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             tuning_mode: None, "ptune" or "deep_ptune": add trainable prompts of `pre_seq_len` positions.
             adapter: the name of a LoRA adapter to apply on the servers (only servers announcing it are used).
             Further keywords go to the chain (e.g. `codec`, `wait_for_blocks_s` for a swarm; `swarm_key`, a
-            `petalnode.swarm_key.SwarmKey` or the path of a key file, to join a private swarm).
+            `petalnode.swarm_key.SwarmKey` or the path of a key file, to join a private swarm; `verify`, "off",
+            "sample" (the default for a swarm) or "full", how much of the servers' work is re-checked on other
+            servers, see `petalnode.node.VerifyMode`).
         """
         info = load_model_info(model)
         head = load_client_head(info, dtype=dtype, device=device)
@@ -156,8 +165,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     def generate(self, inputs: torch.Tensor | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if self._active is not None:
-            self._active.new_generate_call = True
-            return super().generate(inputs, **kwargs)
+            return self._generate_checked(inputs, kwargs)
         if input_ids is None:
             raise BadRequestError("generate() needs input_ids")
         max_new = kwargs.get("max_new_tokens") or self.generation_config.max_new_tokens
@@ -166,7 +174,60 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         else:
             max_length = input_ids.shape[1] + int(max_new)
         with self.inference_session(max_length=max_length, batch_size=input_ids.shape[0]):
-            return super().generate(inputs, **kwargs)
+            return self._generate_checked(inputs, kwargs)
+
+    def _generate_checked(self, inputs: torch.Tensor | None, kwargs: dict[str, Any]) -> Any:
+        """transformers' generate in the active session; with a verifying swarm, every position is checked before
+        returning, and after a rollback (a server lied and was banned) generation resumes from the last token
+        that came from checked outputs, so the result equals what an honest swarm gives."""
+        active = self._active
+        assert active is not None
+        verify = getattr(active.session, "verify", None)
+        kwargs = dict(kwargs)
+        ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        if verify is None or ids is None:
+            active.new_generate_call = True
+            return super().generate(ids, **kwargs)
+        offset = self._call_offset(active, ids)
+        max_new = _max_new_tokens(kwargs, self.generation_config, ids.shape[1])
+        generated = ids[:, :0]
+        for _ in range(MAX_VERIFICATION_RERUNS + 1):
+            call_ids = torch.cat([ids, generated], dim=1)
+            call_kwargs = _remaining(kwargs, generated.shape[1], max_new)
+            active.new_generate_call = True
+            try:
+                output = call_ids if call_kwargs is None else super().generate(call_ids, **call_kwargs)
+                verify()
+                return output
+            except VerificationRollback as e:
+                generated = self._resume_after_rollback(active, e.position, offset, ids)
+        raise InvalidStateError(f"generation rolled back {MAX_VERIFICATION_RERUNS} times: servers keep disagreeing")
+
+    @staticmethod
+    def _call_offset(active: _ActiveSession, ids: torch.Tensor) -> int:
+        """Where a generate() call's input starts in the session's token history (see _skip_known_prefix)."""
+        history = active.history
+        if history is None:
+            return 0
+        known = history.shape[1]
+        return 0 if ids.shape[1] > known and torch.equal(ids[:, :known], history) else known
+
+    def _resume_after_rollback(self, active: _ActiveSession, position: int, offset: int,
+                               ids: torch.Tensor) -> torch.Tensor:
+        """The caches now hold positions [0, position): keep the tokens that came from checked outputs, and
+        return the tokens this call had generated before them (the next run continues after those)."""
+        token = position - self.pre_seq_len if self.prompt_tuning is not None else position
+        history = active.history
+        if history is None or token < offset or token >= history.shape[1]:
+            raise InvalidStateError(f"verification rolled the session back to position {position}, outside this "
+                                    "generate() call; start the generation again")
+        log.warning("verification: a server returned wrong hidden states; it was banned and generation resumes "
+                    "from token %d (%d tokens already streamed are retracted)", token - offset,
+                    history.shape[1] - token)
+        valid = history[:, : token + 1]  # the token at `position` was chosen from a checked output
+        active.history = history[:, :token]
+        active.skip_next = token - offset
+        return valid[:, offset + ids.shape[1] :]
 
     # --- forward -----------------------------------------------------------------------------------------
     def forward(
@@ -222,6 +283,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     def _skip_known_prefix(active: _ActiveSession, input_ids: torch.Tensor) -> torch.Tensor:
         """On a new generate() call in a multi-turn session, drop the part of the input the caches already hold."""
         first_call, active.new_generate_call = active.new_generate_call, False
+        if first_call and active.skip_next is not None:
+            skip, active.skip_next = active.skip_next, None
+            return input_ids[:, skip:]
         history = active.history
         if not first_call or history is None:
             return input_ids
@@ -280,6 +344,30 @@ class DistributedModelForSequenceClassification(DistributedModelForCausalLM):
             else:
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float())
         return SequenceClassifierOutputWithPast(loss=loss, logits=logits)
+
+
+def _max_new_tokens(kwargs: dict[str, Any], config: GenerationConfig, input_length: int) -> int:
+    """How many tokens a generate() call asks for (max_new_tokens, else max_length, else the model's config)."""
+    if kwargs.get("max_new_tokens") is not None:
+        return int(kwargs["max_new_tokens"])
+    if kwargs.get("max_length") is not None:
+        return int(kwargs["max_length"]) - input_length
+    if config.max_new_tokens is not None:
+        return int(config.max_new_tokens)
+    return int(config.max_length or input_length + 20) - input_length
+
+
+def _remaining(kwargs: dict[str, Any], done: int, max_new: int) -> dict[str, Any] | None:
+    """The keywords of a re-run that already has `done` tokens (None: nothing is left to generate)."""
+    if done == 0:
+        return kwargs
+    if done >= max_new:
+        return None
+    rest = {k: v for k, v in kwargs.items() if k != "max_length"}
+    rest["max_new_tokens"] = max_new - done
+    if rest.get("min_new_tokens") is not None:
+        rest["min_new_tokens"] = max(0, int(rest["min_new_tokens"]) - done)
+    return rest
 
 
 def _check_padding(attention_mask: torch.Tensor | None, *, allow_right_padding: bool) -> None:

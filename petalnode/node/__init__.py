@@ -24,6 +24,7 @@ if typing.TYPE_CHECKING:
     from petalnode.node._block_server import BlockServer, HostedSpan
     from petalnode.node._remote_chain import RemoteBlockChain, RemoteChainSession
     from petalnode.node._swarm_client import SwarmClient, SwarmSession
+    from petalnode.node._verification import VerifyMode, VerifyStats
 
 __all__ = [
     "DEFAULT_RECORD_TTL_S",
@@ -53,6 +54,8 @@ __all__ = [
     "SwarmSession",
     "SwarmView",
     "TorchBackend",
+    "VerifyMode",
+    "VerifyStats",
     "choose_blocks",
     "choose_route",
     "costed_throughputs",
@@ -68,4 +71,5 @@ __getattr__, __dir__ = _lazy.exports(__name__, globals(), {
     "petalnode.node._block_server": ("BlockServer", "HostedSpan"),
     "petalnode.node._remote_chain": ("RemoteBlockChain", "RemoteChainSession"),
     "petalnode.node._swarm_client": ("SwarmClient", "SwarmSession"),
+    "petalnode.node._verification": ("VerifyMode", "VerifyStats"),
 })

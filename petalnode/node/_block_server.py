@@ -161,6 +161,7 @@ class BlockServer:
         return ServerInfo(
             model=hosted.model, start_block=hosted.start, end_block=hosted.end, throughput=hosted.throughput,
             cache_tokens_left=self.sessions.free_tokens, sessions=len(self.sessions), version=__version__,
+            dtype=str(hosted.dtype).removeprefix("torch."),
         )
 
     async def rpc_forward(self, request: ForwardRequest, context: CallContext) -> ForwardResult:

@@ -129,7 +129,7 @@ class InfoRequest(Message):
 @register_message
 class ServerInfo(Message):
     KIND: ClassVar[str] = "node.info.result"
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     model: str = wire_field(max_len=MAX_MODEL_NAME)
     start_block: int = wire_field(min_value=0)
     end_block: int = wire_field(min_value=0)
@@ -137,3 +137,5 @@ class ServerInfo(Message):
     cache_tokens_left: int = wire_field(min_value=0)
     sessions: int = wire_field(min_value=0)
     version: str = wire_field(max_len=32)
+    # The dtype the blocks compute in ("float32", "bfloat16", ...): verifying clients pick their tolerance by it.
+    dtype: str = wire_field(default="", max_len=16)

@@ -22,6 +22,7 @@ from petalnode.errors import ClientTimeoutError, ClosedResourceError
 from petalnode.identity import PeerAddress
 from petalnode.node._swarm_client import SwarmClient, SwarmSession
 from petalnode.node._swarm_view import SwarmView
+from petalnode.node._verification import DEFAULT_VERIFY_MODE
 
 T = TypeVar("T")
 # The default of Timeouts.client_start; `connect` reads `timeouts.client_start` from its options.
@@ -80,6 +81,10 @@ class RemoteChainSession:
     def step(self, hidden_states: torch.Tensor, *, start_position: int | None = None) -> torch.Tensor:
         return self._loop.run(self.session.step(hidden_states, start_position))
 
+    def verify(self) -> None:
+        """Check every position so far (raises `VerificationRollback` if returned outputs were wrong)."""
+        self._loop.run(self.session.verify())
+
     def close(self) -> None:
         if not self.session.closed:
             with contextlib.suppress(Exception):
@@ -104,7 +109,16 @@ class RemoteBlockChain:
         codec: TensorCodec | str = TensorCodec.RAW,
         **options: Any,
     ) -> RemoteBlockChain:
-        """Join the swarm of `info`'s model as a client (options go to `SwarmClient`)."""
+        """Join the swarm of `info`'s model as a client (options go to `SwarmClient`).
+
+        `verify` defaults to "sample" here: a swarm reached through a bootstrap address is made of strangers'
+        machines (pass verify="off" for servers you run yourself, "full" to check every step before it is used).
+        """
+        options.setdefault("verify", DEFAULT_VERIFY_MODE)
+        if "referee" not in options and getattr(info.source, "path", None) is not None:
+            from petalnode.node._referee import LocalReferee
+
+            options["referee"] = LocalReferee(info, dtype=dtype)
         if "transport" not in options:
             # TCP and WebRTC: servers behind NAT announce webrtc:// addresses reached through their relay.
             from petalnode.identity import Identity

@@ -51,6 +51,7 @@ from petalnode.errors import (
     PetalnodeError,
     RemoteProtocolError,
     StepTimeoutError,
+    VerificationRollback,
 )
 from petalnode.identity import Identity, PeerAddress, PeerId
 from petalnode.node._bans import BanList
@@ -67,6 +68,7 @@ from petalnode.node._failover import (
     view_needs_refresh,
 )
 from petalnode.node._observed import ObservedSpeeds
+from petalnode.node._pass_verifier import PassVerifier
 from petalnode.node._protocol import (
     BackwardRequest,
     BackwardResult,
@@ -79,9 +81,12 @@ from petalnode.node._protocol import (
     OpenInference,
     ServerInfo,
 )
+from petalnode.node._referee import Referee
 from petalnode.node._routing import RouteHop, choose_route
 from petalnode.node._swarm import fetch_swarm
 from petalnode.node._swarm_view import ServerView, SwarmView, describe_runs
+from petalnode.node._verification import VerifyMode, VerifyStats, parse_server_dtype
+from petalnode.node._verifier import SessionVerifier
 from petalnode.rpc import RPC, RPCStream
 from petalnode.swarm_key import SwarmKey, load_swarm_key
 from petalnode.transport import TcpTransport, Transport
@@ -104,6 +109,8 @@ class _Unset(enum.Enum):
 _UNSET = _Unset.TOKEN
 # Positions (batch x sequence) in one forward/backward request; servers refuse more (MAX_FORWARD_TOKENS).
 MAX_PASS_TOKENS = 8192
+# A step redone after a check found a lying server is checked again; each redo banned a liar, so this bounds them.
+MAX_VERIFIED_REDOS = 8
 
 
 @dataclass
@@ -141,7 +148,7 @@ class SwarmSession:
 
     def __init__(
         self, client: SwarmClient, max_length: int, batch_size: int, *, adapter: str | None = None,
-        prompts: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None, verify: VerifyMode = VerifyMode.OFF,
     ) -> None:
         self._client = client
         self.max_length = max_length
@@ -154,10 +161,58 @@ class SwarmSession:
         self.closed = False
         # (batch, hidden size) of the steps so far: servers refuse a change of either mid-session.
         self._shape: tuple[int, int] | None = None
+        # The last block's outputs for positions [0, position) (what verification compares the last hop with).
+        self.outputs: torch.Tensor | None = None
+        self.verifier = None if verify is VerifyMode.OFF else SessionVerifier(self, verify, client.rng)
+        self._unverified_steps = 0  # steps returned since the last check
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._client.dtype
+
+    @property
+    def verify_stats(self) -> VerifyStats | None:
+        return None if self.verifier is None else self.verifier.stats
 
     async def open(self) -> None:
         self.hops = await self._client._open_hops(0, self._client.num_blocks, self.max_length, self.batch_size,
                                                   adapter=self.adapter, prompts=self.prompts)
+        if self.verifier is not None:
+            for hop in self.hops:
+                self.verifier.hop_started(hop, 0)
+
+    def boundary(self, block: int) -> torch.Tensor | None:
+        """The hidden states the session used at block boundary `block` (the input of the hop starting there, or
+        the final outputs), for positions [0, position); None if no hop starts there."""
+        if block == self._client.num_blocks:
+            return self.outputs
+        return next((hop.inputs for hop in self.hops if hop.start == block), None)
+
+    async def verify(self) -> None:
+        """Check every position so far on independent servers (a no-op with verify off).
+
+        Raises:
+            VerificationRollback: outputs already returned were wrong; the session now holds [0, e.position).
+            VerificationError: verify="full" and some blocks cannot be checked.
+        """
+        if self.verifier is None or self.closed:
+            return
+        rollback = await self.verifier.check()
+        if rollback is not None:
+            self._roll_back(rollback)
+            self.verifier.stats.rollbacks += 1
+            raise VerificationRollback(rollback)
+
+    def _roll_back(self, position: int) -> None:
+        """Forget positions from `position` on (their outputs were wrong); the next step starts there."""
+        self.position = min(self.position, position)
+        for hop in self.hops:
+            if hop.inputs is not None:
+                hop.inputs = hop.inputs[:, :position]
+        if self.outputs is not None:
+            self.outputs = self.outputs[:, :position]
+        if self.verifier is not None:
+            self.verifier.rolled_back(position)
 
     async def step(self, hidden: torch.Tensor, start_position: int | None = None) -> torch.Tensor:
         """[batch, n, hidden] at positions [start, start + n) through every block; returns the last block's output.
@@ -172,6 +227,12 @@ class SwarmSession:
             raise InvalidStateError('cannot step a session in state "closed"')
         start = self.position if start_position is None else start_position
         self._check_step(hidden, start)
+        if self.verifier is not None and start < self.position:
+            self.verifier.rolled_back(start)
+        return await self._step(hidden, start, redos=0)
+
+    async def _step(self, hidden: torch.Tensor, start: int, *, redos: int) -> torch.Tensor:
+        inputs = hidden
         what = f"the step at positions {start}-{start + hidden.shape[1] - 1} of {self._client.model}"
         index = 0
         attempts = Attempts()
@@ -212,7 +273,29 @@ class SwarmSession:
             index += 1
         self.position = start + hidden.shape[1]
         self._shape = (hidden.shape[0], hidden.shape[2])
+        self.outputs = hidden if self.outputs is None or start == 0 else torch.cat(
+            [self.outputs[:, :start], hidden], dim=1)
+        if self.verifier is not None and (redos > 0 or self.verifier.schedule.due()):
+            self._unverified_steps = 0
+            return await self._checked(inputs, start, hidden, redos)
+        if self.verifier is not None:
+            self._unverified_steps += 1
+            stats = self.verifier.stats
+            stats.max_unverified_steps = max(stats.max_unverified_steps, self._unverified_steps)
         return hidden
+
+    async def _checked(self, inputs: torch.Tensor, start: int, output: torch.Tensor, redos: int) -> torch.Tensor:
+        """Check the route after a step; redo the step if only its own positions were wrong, else roll back."""
+        assert self.verifier is not None
+        rollback = await self.verifier.check()
+        if rollback is None:
+            return output
+        self._roll_back(rollback)
+        if rollback < start or redos >= MAX_VERIFIED_REDOS:
+            self.verifier.stats.rollbacks += 1
+            raise VerificationRollback(rollback)
+        redone = await self._step(inputs[:, rollback - start :], rollback, redos=redos + 1)
+        return torch.cat([output[:, : rollback - start], redone], dim=1)
 
     def _check_step(self, hidden: torch.Tensor, start: int) -> None:
         """Refuse a step the session cannot take, here and with no server involved (so nobody is banned for it)."""
@@ -248,6 +331,7 @@ class SwarmSession:
         new_hops = await self._client._open_hops(old.start, old.end, self.max_length, self.batch_size,
                                                  adapter=self.adapter, prompts=self.prompts, avoid=avoid)
         replay = old.inputs
+        replayed = 0 if replay is None else replay.shape[1]
         hop = None
         try:
             if replay is not None and replay.shape[1] > 0:
@@ -263,9 +347,15 @@ class SwarmSession:
                 raise _ReplayFailed(hop.peer_id, e) from e
             raise
         self.hops[index : index + 1] = new_hops
+        if self.verifier is not None:
+            for hop in new_hops:
+                self.verifier.hop_started(hop, replayed)
 
     async def aclose(self) -> None:
         self.closed = True
+        if self.verifier is not None:
+            with contextlib.suppress(Exception):
+                await self.verifier.aclose()
         hops, self.hops = self.hops, []
         for hop in hops:
             with contextlib.suppress(Exception):
@@ -301,9 +391,14 @@ class SwarmClient:
         listen_host: str = "0.0.0.0",
         dht_options: dict[str, Any] | None = None,
         swarm_key: SwarmKey | str | os.PathLike[str] | None = None,
+        verify: VerifyMode | str = VerifyMode.OFF,
+        referee: Referee | None = None,
     ) -> None:
         # swarm_key: a private swarm's key or its file: the DHT and the default TCP transport are keyed with it
         # (a given `transport` must be keyed by the caller).
+        # verify: re-check servers' outputs on other servers ("off", "sample", "full"; see _verification.py).
+        # Off here, the building block; the library and the CLI default to "sample" for a stranger's swarm.
+        # referee: decides a dispute between two servers when no third hosts the blocks (see _referee.py).
         if not bootstrap:
             raise ConfigError("a swarm client needs at least one bootstrap address")
         self.model = model
@@ -320,9 +415,14 @@ class SwarmClient:
         self.identity = identity or Identity.generate()
         self.swarm_key = load_swarm_key(swarm_key)
         self.rng = random.Random(seed)
+        self.verify = VerifyMode.parse(verify)
+        self.referee = referee
+        self.pass_verifier = None if self.verify is VerifyMode.OFF else PassVerifier(self, self.verify)
         self.rtt: dict[PeerId, float] = {}
         # Round trips and decode-step latencies measured here, per server: routing trusts them over announcements.
         self.speeds = ObservedSpeeds()
+        # What each server says it computes in (from its `info` reply): the verification tolerance depends on it.
+        self.server_dtypes: dict[PeerId, torch.dtype | None] = {}
         self.bans: BanList = BanList(time.monotonic)
         self._given_transport = transport
         self._endpoint_factory = endpoint_factory
@@ -432,14 +532,16 @@ class SwarmClient:
     # -- public ---------------------------------------------------------------------------------------------
     async def open_session(
         self, max_length: int, *, batch_size: int = 1, adapter: str | None = None,
-        prompts: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None, verify: VerifyMode | str | None = None,
     ) -> SwarmSession:
-        """An inference session; `adapter` names a LoRA adapter, `prompts` are deep prompts for every block."""
+        """An inference session; `adapter` names a LoRA adapter, `prompts` are deep prompts for every block,
+        `verify` overrides the client's verification mode for this session."""
         if self._closed:
             raise ClosedResourceError("the swarm client is closed")
         if prompts is not None:
             self._check_prompts(prompts, batch_size, max_length)
-        session = SwarmSession(self, max_length, batch_size, adapter=adapter, prompts=prompts)
+        mode = self.verify if verify is None else VerifyMode.parse(verify)
+        session = SwarmSession(self, max_length, batch_size, adapter=adapter, prompts=prompts, verify=mode)
         await session.open()
         return session
 
@@ -467,6 +569,8 @@ class SwarmClient:
             for hop in route:
                 try:
                     output = await self._call_forward(hop.server, hop.start, hop.end, current, prompts, adapter)
+                    output = await self._checked_forward(hop.server, hop.start, hop.end, current, prompts, adapter,
+                                                         output)
                 except Exception as e:
                     attempts = self._pass_failed(attempts, e, Phase.FORWARD, hop.server, hop.start, hop.end)
                     break  # reroute from this hop's first block
@@ -511,8 +615,8 @@ class SwarmClient:
                 partial: list[tuple[int, int, torch.Tensor]] = []
                 for sub, sub_input in zip(reversed(route), reversed(inputs), strict=True):
                     server = sub.server
-                    grad, sub_grad_prompts = await self._call_backward(server, sub.start, sub.end, sub_input, grad,
-                                                                       prompts, adapter)
+                    grad, sub_grad_prompts = await self._checked_backward(server, sub.start, sub.end, sub_input,
+                                                                          grad, prompts, adapter)
                     if sub_grad_prompts is not None:
                         partial.append((sub.start, sub.end, sub_grad_prompts))
             except Exception as e:
@@ -562,6 +666,53 @@ class SwarmClient:
         duration = self.bans.ban(peer)
         cause = "" if error is None else f": {type(error).__name__}: {error}"
         log.warning("server %s failed (%s)%s; banned for %.0f s, rerouting", peer, what, cause, duration)
+
+    def referee_dtype(self) -> torch.dtype | None:
+        return None if self.referee is None else self.referee.dtype
+
+    async def _checked_forward(
+        self, server: ServerView, start: int, end: int, hidden: torch.Tensor, prompts: torch.Tensor | None,
+        adapter: str | None, output: torch.Tensor,
+    ) -> torch.Tensor:
+        """`output` (from `server`), or the majority's reply when a spot-check catches `server` lying."""
+        if self.pass_verifier is None:
+            return output
+
+        async def call(other: ServerView) -> list[torch.Tensor | None]:
+            return [await self._call_forward(other, start, end, hidden, prompts, adapter)]
+
+        async def referee() -> list[torch.Tensor | None]:
+            assert self.referee is not None
+            return [(await self.referee.run(start, end, hidden, prompts)).to(self.dtype)]
+
+        (checked,) = await self.pass_verifier.checked(
+            Phase.FORWARD, server, start, end, adapter, [output], call,
+            referee if self.referee is not None and adapter is None else None)
+        assert checked is not None
+        return checked
+
+    async def _checked_backward(
+        self, server: ServerView, start: int, end: int, hidden: torch.Tensor, grad: torch.Tensor,
+        prompts: torch.Tensor | None, adapter: str | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A backward call through `server`, spot-checked like `_checked_forward`."""
+        replies = await self._call_backward(server, start, end, hidden, grad, prompts, adapter)
+        if self.pass_verifier is None:
+            return replies
+
+        async def call(other: ServerView) -> list[torch.Tensor | None]:
+            return list(await self._call_backward(other, start, end, hidden, grad, prompts, adapter))
+
+        async def referee() -> list[torch.Tensor | None]:
+            assert self.referee is not None
+            grad_hidden, grad_prompts = await self.referee.run_backward(start, end, hidden, grad, prompts)
+            return [grad_hidden.to(self.dtype), None if grad_prompts is None else grad_prompts.to(prompts.dtype)]
+
+        grad_hidden, grad_prompts = await self.pass_verifier.checked(
+            Phase.BACKWARD, server, start, end, adapter, list(replies), call,
+            referee if self.referee is not None and adapter is None else None)
+        assert grad_hidden is not None
+        return grad_hidden, grad_prompts
 
     async def _call_forward(
         self, server: ServerView, start: int, end: int, hidden: torch.Tensor, prompts: torch.Tensor | None,
@@ -620,12 +771,13 @@ class SwarmClient:
 
     async def _route(
         self, start: int, end: int, min_cache_tokens: int, *, adapter: str | None = None,
-        avoid: frozenset[PeerId] = frozenset(),
+        avoid: frozenset[PeerId] = frozenset(), wait_s: float | _Unset | None = _UNSET,
     ) -> list[RouteHop]:
-        """A route over [start, end) around banned servers and `avoid`, waiting up to `wait_for_blocks_s` for
-        missing blocks to get a server."""
+        """A route over [start, end) around banned servers and `avoid`, waiting up to `wait_s` (default: the wait
+        for blocks) for missing blocks to get a server."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + (math.inf if self.wait_for_blocks_s is None else self.wait_for_blocks_s)
+        wait = self.wait_for_blocks_s if isinstance(wait_s, _Unset) else wait_s
+        deadline = loop.time() + (math.inf if wait is None else wait)
         reported = None
         fresh = False
         while True:
@@ -646,7 +798,7 @@ class SwarmClient:
                 if delay_s is None:
                     first = e.missing[0] if e.missing else (start, end)
                     raise NoRouteError(
-                        f"{e}; waited {self.wait_for_blocks_s:.0f} s. Start one with: petalnode join --bootstrap "
+                        f"{e}; waited {wait or 0:.0f} s. Start one with: petalnode join --bootstrap "
                         f"{self.bootstrap[0]} --model {self.model} --blocks {first[0]}:{first[1]}",
                         missing=e.missing,
                     ) from None
@@ -669,9 +821,10 @@ class SwarmClient:
             loop = asyncio.get_running_loop()
             started = loop.time()
             try:
-                await rpc.call(_address_of(server), "info", InfoRequest(), expected=ServerInfo,
-                               timeout_s=self.timeouts.rtt_probe)
+                info = await rpc.call(_address_of(server), "info", InfoRequest(), expected=ServerInfo,
+                                      timeout_s=self.timeouts.rtt_probe)
                 self.rtt[server.peer_id] = self.speeds.record_rtt(server.peer_id, loop.time() - started, loop.time())
+                self.server_dtypes[server.peer_id] = parse_server_dtype(info.dtype)
             except (PetalnodeError, OSError) as e:
                 log.debug("rtt probe of %s failed: %s", server.peer_id, e)
 
@@ -680,16 +833,18 @@ class SwarmClient:
     async def _open_hops(
         self, start: int, end: int, max_length: int, batch_size: int, *, adapter: str | None = None,
         prompts: torch.Tensor | None = None, avoid: frozenset[PeerId] = frozenset(),
+        wait_s: float | _Unset | None = _UNSET,
     ) -> list[_Hop]:
         """Open inference streams along a route over [start, end), rerouting around servers that fail.
 
-        `avoid`: servers not to use (a replacement asking for a second opinion avoids the server that refused).
+        `avoid`: servers not to use (a replacement asking for a second opinion avoids the server that refused; a
+        verifying shadow avoids the server it checks). `wait_s`: how long to wait for missing blocks.
         """
         attempts = Attempts()
         while True:
             try:
                 route = await self._route(start, end, max_length * batch_size, adapter=adapter,
-                                          avoid=avoid | attempts.refused_by)
+                                          avoid=avoid | attempts.refused_by, wait_s=wait_s)
             except NoRouteError as e:
                 error = no_second_opinion(attempts, e)
                 if error is e:
