@@ -8,8 +8,9 @@
 #   event loop's time), so tests and the churn simulator's virtual clock drive it.
 # - Every estimate is a time-decayed mean: an observation made `age` seconds ago weighs 2 ** (-age / half_life).
 #   A server that got faster or slower is re-learned within a few half-lives, whatever its old sample count was.
-# - A server counts as measured only while its decayed step weight is at least `fresh_weight`; after that its
-#   claim is used again (capped by routing), so a server measured slow long ago gets another chance.
+# - A server counts as measured only while its decayed step weight is at least `fresh_weight` (so n steps stay
+#   evidence for about log2(n / fresh_weight) half-lives: one step for 2, a 100-step generation for about 9);
+#   after that its claim is used again (capped by routing), so a server measured slow long ago gets another chance.
 # - An observed throughput is finite and positive: compute time per step is floored at MIN_COMPUTE_FRACTION of the
 #   step's latency, so a step no slower than the probe round trip (noise) never reads as infinitely fast.
 # - A server whose claim exceeds DISCOUNT_RATIO x its observed throughput (and by a material time) is discounted:
