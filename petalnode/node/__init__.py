@@ -13,8 +13,9 @@ from petalnode.node._executor import PRIORITY_BULK, PRIORITY_INFERENCE, ComputeE
 from petalnode.node._fair_share import FairShareLimits
 from petalnode.node._local_swarm import LocalSwarm, SwarmProcess, parse_span
 from petalnode.node._node import DEFAULT_RECORD_TTL_S, Node, NodeState, ServeOptions
+from petalnode.node._observed import ObservedSpeeds
 from petalnode.node._placement import choose_blocks, should_move
-from petalnode.node._routing import RouteHop, choose_route, route_cost_s, same_weights
+from petalnode.node._routing import RouteHop, choose_route, costed_throughputs, route_cost_s, same_weights
 from petalnode.node._signaling import NatOptions, Signaling
 from petalnode.node._swarm import fetch_swarm
 from petalnode.node._swarm_view import ServerView, SwarmView, describe_runs
@@ -41,6 +42,7 @@ __all__ = [
     "NatOptions",
     "Node",
     "NodeState",
+    "ObservedSpeeds",
     "RemoteBlockChain",
     "RemoteChainSession",
     "RouteHop",
@@ -56,6 +58,7 @@ __all__ = [
     "VerifyStats",
     "choose_blocks",
     "choose_route",
+    "costed_throughputs",
     "describe_runs",
     "fetch_swarm",
     "parse_span",

@@ -20,7 +20,7 @@ from petalnode.dht import ServerState
 from petalnode.errors import VerificationError
 from petalnode.identity import PeerId
 from petalnode.node._failover import Phase, Verdict, classify
-from petalnode.node._routing import DEFAULT_RTT_S
+from petalnode.node._routing import DEFAULT_RTT_S, same_weights
 from petalnode.node._swarm_view import ServerView
 from petalnode.node._verification import (
     CheckSchedule,
@@ -140,7 +140,8 @@ class PassVerifier:
         banned = client.bans.banned() | avoid
         candidates = [s for s in view.servers.values()
                       if s.state == ServerState.ONLINE and s.start <= start and end <= s.end and s.addresses
-                      and s.peer_id not in banned and (adapter is None or adapter in s.adapters)]
+                      and s.peer_id not in banned and (adapter is None or adapter in s.adapters)
+                      and (client.span_digest is None or same_weights(s, client.span_digest))]
         return min(candidates, key=lambda s: (client.rtt.get(s.peer_id, DEFAULT_RTT_S), s.peer_id), default=None)
 
     def _dtype(self, server: ServerView) -> torch.dtype | None:

@@ -1,7 +1,7 @@
 # Route choice: the chain of servers a client pushes hidden states through (Petals' sequence_manager, improved).
 #
 # Invariants:
-# - Pure: swarm view and measured RTTs in, route out; randomness only from the optional `rng`.
+# - Pure: swarm view, measured RTTs and observed throughputs in, route out; randomness only from the optional `rng`.
 # - A route covers [start, end) exactly once, in order: hop i ends where hop i+1 starts, no hop is empty, and no
 #   two consecutive hops use the same server (they would be merged: one hop is never worse than two).
 # - Only ONLINE, non-banned servers with enough cache tokens are used, and each only inside its announced span.
@@ -12,12 +12,19 @@
 #       sum over hops of  rtt(server) + hop_penalty_s + blocks_in_hop / throughput(server)
 #   and the returned route minimizes it (up to the optional jitter). Petals runs Dijkstra over (server, block)
 #   nodes; the same optimum is a shortest path over block boundaries 0..N, a DAG, solved here by one forward pass.
+# - throughput(server) is what the client observed (`observed`, from `_observed.ObservedSpeeds`) when it has a
+#   measurement; otherwise the server's claim, trusted only up to CLAIM_CAP x min over its blocks of the block's
+#   low median claim (of the positive claims of the online servers hosting that block, itself included). So an
+#   announcement alone can never make a server look more than CLAIM_CAP times faster than the typical server on
+#   its slowest-typical block, and a measured server is costed by its measurement whatever it announces (see
+#   `costed_throughputs`).
 from __future__ import annotations
 
 import math
 import random
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from petalnode.dht import ServerState
 from petalnode.errors import NoRouteError
@@ -33,6 +40,13 @@ MIN_THROUGHPUT = 1e-3
 ROUTE_JITTER = 0.02
 """With an rng, each server's costs are scaled by a random factor in [1, 1 + ROUTE_JITTER): routes within about 2%
 of each other are chosen at random, which spreads clients over equal servers instead of all picking the first."""
+CLAIM_CAP = 4.0
+"""An unmeasured server's claim counts at most this multiple of the typical claim on its blocks. Same as
+`_observed.DISCOUNT_RATIO`: a claim that would not be called a lie once measured is not capped before. Honest
+machines on one span may differ more (a GPU next to CPUs): such a server is still ranked first while unmeasured
+(4x beats every typical peer), gets tried, and from then on is costed by its measured speed, so the cap delays
+nothing; it only stops a wild claim from outweighing round trips, hop counts and measured servers by 1000x."""
+_NOTHING: Mapping[PeerId, float] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +73,8 @@ def choose_route(
     model: str | None = None,
     adapter: str | None = None,
     span_digest: Callable[[int, int], bytes] | None = None,
+    observed: Mapping[PeerId, float] = _NOTHING,
+    claim_cap: float = CLAIM_CAP,
 ) -> list[RouteHop]:
     """The chain of servers through blocks [start, end) with the lowest expected decode-step latency.
 
@@ -79,6 +95,8 @@ def choose_route(
         adapter: only servers announcing this LoRA adapter are eligible.
         span_digest: the client's digest of blocks [a, b) of its copy of the model; when given, only servers
             announcing exactly that digest for their [start, end) are eligible (None: no identity check).
+        observed: blocks/s the client measured itself, per server; others are costed by their capped claims.
+        claim_cap: see CLAIM_CAP (math.inf trusts every claim, as before measured speeds).
 
     Raises:
         NoRouteError: some blocks in [start, end) have no eligible server (none online, or all banned, joining
@@ -105,12 +123,16 @@ def choose_route(
                         _why(view, missing, banned, min_cache_tokens, adapter, span_digest))
 
     # Per server: fixed cost per hop and seconds per block, both scaled by the jitter factor.
+    # Claims are capped by the medians of servers with the client's weights only: others cannot raise the cap.
+    peers = view if span_digest is None else SwarmView.from_servers(
+        view.num_blocks, [s for s in view.servers.values() if same_weights(s, span_digest)], model=view.model)
+    throughput = costed_throughputs(peers, observed, claim_cap=claim_cap)
     fixed: list[float] = []
     per_block: list[float] = []
     for s in eligible:
         factor = 1.0 + rng.random() * ROUTE_JITTER if rng is not None else 1.0
         fixed.append((rtt_s.get(s.peer_id, default_rtt_s) + hop_penalty_s) * factor)
-        per_block.append(factor / max(s.throughput, MIN_THROUGHPUT))
+        per_block.append(factor / max(throughput[s.peer_id], MIN_THROUGHPUT))
 
     # Servers whose span contains block b (they can start or continue a hop at boundary b).
     starting_at: list[list[int]] = [[] for _ in range(end - start)]
@@ -151,17 +173,46 @@ def choose_route(
     return hops
 
 
+def costed_throughputs(
+    view: SwarmView, observed: Mapping[PeerId, float] = _NOTHING, *, claim_cap: float = CLAIM_CAP,
+) -> dict[PeerId, float]:
+    """The blocks/s each server of `view` is costed by: observed if measured, else its claim capped (invariants).
+
+    Claims of 0 (a server that has not measured itself yet) are no claim: they never lower a cap. Runs in
+    O(blocks x servers per block x log) plus O(sum of span lengths): per-block medians first, then a min per server.
+    """
+    per_block: list[list[float]] = [[] for _ in range(view.num_blocks)]
+    for s in view.servers.values():
+        if s.state == ServerState.ONLINE and s.throughput > 0:
+            for block in range(max(s.start, 0), min(s.end, view.num_blocks)):
+                per_block[block].append(s.throughput)
+    low_median = [sorted(c)[(len(c) - 1) // 2] if c else math.inf for c in per_block]
+    costed: dict[PeerId, float] = {}
+    for s in view.servers.values():
+        if s.peer_id in observed:
+            costed[s.peer_id] = observed[s.peer_id]
+            continue
+        typical = min(low_median[max(s.start, 0) : min(s.end, view.num_blocks)], default=math.inf)
+        costed[s.peer_id] = min(s.throughput, claim_cap * typical)
+    return costed
+
+
 def route_cost_s(
     route: Sequence[RouteHop],
     *,
     rtt_s: Mapping[PeerId, float],
     hop_penalty_s: float = HOP_PENALTY_S,
     default_rtt_s: float = DEFAULT_RTT_S,
+    throughput: Mapping[PeerId, float] | None = None,
 ) -> float:
-    """Expected seconds of one decode step along `route`, by the same model `choose_route` minimizes."""
+    """Expected seconds of one decode step along `route`, by the same model `choose_route` minimizes.
+
+    `throughput`: blocks/s per server as `costed_throughputs` gives them (default: the hops' claims, uncapped).
+    """
     return sum(
-        rtt_s.get(h.peer_id, default_rtt_s) + hop_penalty_s + (h.end - h.start) / max(h.server.throughput,
-                                                                                          MIN_THROUGHPUT)
+        rtt_s.get(h.peer_id, default_rtt_s) + hop_penalty_s
+        + (h.end - h.start) / max(h.server.throughput if throughput is None else throughput[h.peer_id],
+                                  MIN_THROUGHPUT)
         for h in route
     )
 

@@ -67,6 +67,7 @@ from petalnode.node._failover import (
     route_retry_delay_s,
     view_needs_refresh,
 )
+from petalnode.node._observed import ObservedSpeeds
 from petalnode.node._pass_verifier import PassVerifier
 from petalnode.node._protocol import (
     BackwardRequest,
@@ -422,6 +423,8 @@ class SwarmClient:
         self.referee = referee
         self.pass_verifier = None if self.verify is VerifyMode.OFF else PassVerifier(self, self.verify)
         self.rtt: dict[PeerId, float] = {}
+        # Round trips and decode-step latencies measured here, per server: routing trusts them over announcements.
+        self.speeds = ObservedSpeeds()
         # What each server says it computes in (from its `info` reply): the verification tolerance depends on it.
         self.server_dtypes: dict[PeerId, torch.dtype | None] = {}
         self.unverifiable_warned: set[tuple[int, int]] = set()  # block ranges verification warned about
@@ -794,6 +797,7 @@ class SwarmClient:
                     view, start=start, end=end, rtt_s=self.rtt, banned=self.bans.banned() | avoid,
                     min_cache_tokens=min_cache_tokens, rng=self.rng, model=self.model, adapter=adapter,
                     span_digest=self.span_digest,
+                    observed=self._observed_throughputs(view),
                 )
             except NoRouteError as e:
                 delay_s = route_retry_delay_s(view_is_fresh=fresh, now=loop.time(), deadline=deadline)
@@ -814,9 +818,10 @@ class SwarmClient:
                 await asyncio.sleep(delay_s)
 
     async def _probe_rtts(self, view: SwarmView) -> None:
-        """Measure round-trip times to servers not measured yet (an `info` call each, concurrently)."""
+        """Measure round-trip times to servers not measured lately (an `info` call each, concurrently)."""
         rpc = self._require_rpc()
-        unknown = [s for s in view.servers.values() if s.peer_id not in self.rtt and s.addresses][:16]
+        now = asyncio.get_running_loop().time()
+        unknown = [s for s in view.servers.values() if self.speeds.needs_probe(s.peer_id, now) and s.addresses][:16]
 
         async def probe(server: ServerView) -> None:
             loop = asyncio.get_running_loop()
@@ -824,7 +829,7 @@ class SwarmClient:
             try:
                 info = await rpc.call(_address_of(server), "info", InfoRequest(), expected=ServerInfo,
                                       timeout_s=self.timeouts.rtt_probe)
-                self.rtt[server.peer_id] = loop.time() - started
+                self.rtt[server.peer_id] = self.speeds.record_rtt(server.peer_id, loop.time() - started, loop.time())
                 self.server_dtypes[server.peer_id] = parse_server_dtype(info.dtype)
             except (PetalnodeError, OSError) as e:
                 log.debug("rtt probe of %s failed: %s", server.peer_id, e)
@@ -898,7 +903,17 @@ class SwarmClient:
                 raise
         return _Hop(peer_id=step.peer_id, start=step.start, end=step.end, stream=stream)
 
+    def _observed_throughputs(self, view: SwarmView) -> dict[PeerId, float]:
+        """What routing costs measured servers by; logs (once per server) claims far above the measurement."""
+        now = asyncio.get_running_loop().time()
+        claims = {p: s.throughput for p, s in view.servers.items()}
+        for found in self.speeds.discount(claims, now):
+            log.warning("server %s announces %.4g blocks/s but ran %.4g blocks/s for us; routing by what we measured",
+                        found.peer_id, found.claimed, found.observed)
+        return self.speeds.throughputs(now)
+
     async def _send_step(self, hop: _Hop, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        started = asyncio.get_running_loop().time()
         try:
             await hop.stream.send(InferenceStep(hidden=hidden.contiguous(), start_position=start),
                                   tensor_codec=self.codec)
@@ -915,6 +930,9 @@ class SwarmClient:
             )
         if not torch.isfinite(out).all():
             raise RemoteProtocolError(f"server {hop.peer_id} replied with non-finite hidden states")
+        if hidden.shape[1] == 1:  # decode steps only: what announced throughput describes (prefill costs more)
+            now = asyncio.get_running_loop().time()
+            self.speeds.record_step(hop.peer_id, hop.end - hop.start, now - started, now)
         return out.to(self.dtype)
 
 

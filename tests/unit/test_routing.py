@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
+import math
 import random
 
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from petalnode.dht import ServerState
 from petalnode.errors import NoRouteError, PetalnodeError
 from petalnode.identity import PeerId
-from petalnode.node._routing import RouteHop, choose_route, route_cost_s
+from petalnode.node._routing import CLAIM_CAP, RouteHop, choose_route, costed_throughputs, route_cost_s
 from petalnode.node._swarm_view import ServerView, SwarmView
 
 ONLINE, JOINING, OFFLINE = ServerState.ONLINE, ServerState.JOINING, ServerState.OFFLINE
@@ -174,15 +175,18 @@ def test_route_cost_matches_the_model() -> None:
     assert route_cost_s(route, rtt_s={pid(1): 0.02}) == pytest.approx(expected)
 
 
-def brute_force_cost(view: SwarmView, start: int, end: int, rtt: dict[PeerId, float]) -> float:
+def brute_force_cost(
+    view: SwarmView, start: int, end: int, rtt: dict[PeerId, float], observed: dict[PeerId, float] | None = None,
+) -> float:
     servers = [s for s in view.servers.values() if s.state == ONLINE]
+    throughput = brute_force_throughputs(view, observed or {})
 
     @functools.cache
     def best(a: int) -> float:  # cheapest way from boundary a to `end`
         if a == end:
             return 0.0
         options = [
-            rtt.get(s.peer_id, 0.05) + 0.002 + (b - a) / max(s.throughput, 1e-3) + best(b)
+            rtt.get(s.peer_id, 0.05) + 0.002 + (b - a) / max(throughput[s.peer_id], 1e-3) + best(b)
             for s in servers if s.start <= a < s.end
             for b in range(a + 1, min(s.end, end) + 1)
         ]
@@ -191,11 +195,30 @@ def brute_force_cost(view: SwarmView, start: int, end: int, rtt: dict[PeerId, fl
     return best(start)
 
 
+def brute_force_throughputs(view: SwarmView, observed: dict[PeerId, float]) -> dict[PeerId, float]:
+    """The invariant of _routing.py, written out plainly: observed, else the claim capped at CLAIM_CAP x the least,
+    over the server's blocks, of the low median of the positive claims of the online servers hosting the block."""
+    result = {}
+    for s in view.servers.values():
+        if s.peer_id in observed:
+            result[s.peer_id] = observed[s.peer_id]
+            continue
+        cap = math.inf
+        for block in range(s.start, s.end):
+            claims = sorted(o.throughput for o in view.servers.values()
+                            if o.state == ONLINE and o.throughput > 0 and o.start <= block < o.end)
+            if claims:
+                cap = min(cap, CLAIM_CAP * claims[(len(claims) - 1) // 2])
+        result[s.peer_id] = min(s.throughput, cap)
+    return result
+
+
 cases = st.integers(min_value=1, max_value=12).flatmap(lambda n: st.tuples(
     st.just(n),
     st.lists(
         st.tuples(st.integers(0, n - 1), st.integers(1, n), st.sampled_from([1.0, 5.0, 20.0, 100.0]),
-                  st.sampled_from([ONLINE, ONLINE, JOINING]), st.sampled_from([None, 0.0, 0.01, 0.3])),
+                  st.sampled_from([ONLINE, ONLINE, JOINING]), st.sampled_from([None, 0.0, 0.01, 0.3]),
+                  st.sampled_from([None, None, 0.5, 50.0, 1000.0])),
         max_size=8,
     ),
     st.integers(0, n - 1),
@@ -208,11 +231,13 @@ cases = st.integers(min_value=1, max_value=12).flatmap(lambda n: st.tuples(
 def test_route_is_a_valid_chain_and_optimal(case: tuple) -> None:
     n, specs, start, length = case
     end = min(n, start + length)
-    view = swarm(n, *(server(i, a, min(n, a + k), thr, state=state) for i, (a, k, thr, state, _) in enumerate(specs)))
-    rtt = {pid(i): r for i, (*_, r) in enumerate(specs) if r is not None}
-    optimum = brute_force_cost(view, start, end, rtt)
+    view = swarm(n, *(server(i, a, min(n, a + k), thr, state=state)
+                      for i, (a, k, thr, state, *_) in enumerate(specs)))
+    rtt = {pid(i): r for i, (*_, r, _) in enumerate(specs) if r is not None}
+    observed = {pid(i): o for i, (*_, o) in enumerate(specs) if o is not None}
+    optimum = brute_force_cost(view, start, end, rtt, observed)
     try:
-        route = choose_route(view, start=start, end=end, rtt_s=rtt)
+        route = choose_route(view, start=start, end=end, rtt_s=rtt, observed=observed)
     except NoRouteError as e:
         assert optimum == float("inf")
         assert e.missing and all(start <= a < b <= end for a, b in e.missing)
@@ -223,7 +248,9 @@ def test_route_is_a_valid_chain_and_optimal(case: tuple) -> None:
     for hop in route:
         assert hop.start < hop.end and hop.server.start <= hop.start and hop.end <= hop.server.end
         assert hop.server.state == ONLINE
-    assert route_cost_s(route, rtt_s=rtt) == pytest.approx(optimum)
+    costed = costed_throughputs(view, observed)
+    assert costed == pytest.approx(brute_force_throughputs(view, observed))
+    assert route_cost_s(route, rtt_s=rtt, throughput=costed) == pytest.approx(optimum)
 
 
 @pytest.mark.timeout(60)  # a liveness bound; speed itself is a benchmark's job, not a timed test on a shared machine
@@ -239,3 +266,53 @@ def test_routes_1000_servers_and_80_blocks() -> None:
     route = choose_route(view, rtt_s=rtt, rng=rng)
     assert route[0].start == 0 and route[-1].end == 80
     assert all(a.end == b.start for a, b in itertools.pairwise(route))
+
+
+def test_a_1000x_claimer_is_not_chosen_over_an_honest_measured_server() -> None:
+    # Server 1 claims 100 blocks/s and ran at 80 for us; server 2 claims 100000 and ran at 0.5.
+    view = swarm(10, server(1, 0, 10, throughput=100.0), server(2, 0, 10, throughput=100_000.0))
+    assert spans(choose_route(view, rtt_s={}, claim_cap=math.inf)) == [(pid(2), 0, 10)]  # claims alone: the liar
+    observed = {pid(1): 80.0, pid(2): 0.5}
+    assert spans(choose_route(view, rtt_s={}, observed=observed)) == [(pid(1), 0, 10)]
+    # Measured is measured: even trusting every claim, the liar's measurement is what counts.
+    assert spans(choose_route(view, rtt_s={}, observed=observed, claim_cap=math.inf)) == [(pid(1), 0, 10)]
+    assert {choose_route(view, rtt_s={}, observed=observed, rng=random.Random(s))[0].peer_id
+            for s in range(20)} == {pid(1)}
+
+
+def test_an_unmeasured_liar_is_capped_by_the_claims_around_it() -> None:
+    honest = [server(i, 0, 10, throughput=100.0 + i) for i in range(3)]
+    liar = server(9, 0, 10, throughput=100_000.0)
+    view = swarm(10, *honest, liar)
+    costed = costed_throughputs(view)
+    # Low median of {100, 101, 102, 100000} is 101: the liar counts as 4 x 101, the honest claims as they are.
+    assert costed[pid(9)] == pytest.approx(CLAIM_CAP * 101.0)
+    assert [costed[pid(i)] for i in range(3)] == [100.0, 101.0, 102.0]
+    # Capped, its claim no longer outweighs a round trip: a near honest server wins over a far liar, which
+    # uncapped would win by 10 / 100000 s against 10 / 100 s.
+    rtt = {pid(0): 0.001, pid(1): 0.2, pid(2): 0.2, pid(9): 0.09}
+    assert spans(choose_route(view, rtt_s=rtt, claim_cap=math.inf)) == [(pid(9), 0, 10)]
+    assert spans(choose_route(view, rtt_s=rtt)) == [(pid(0), 0, 10)]
+    # A server measured slower than its cap is costed by its measurement, an honest fast one by its own.
+    assert costed_throughputs(view, {pid(9): 3.0})[pid(9)] == 3.0
+    assert costed_throughputs(view, {pid(0): 5000.0})[pid(0)] == 5000.0
+
+
+def test_the_cap_compares_servers_block_by_block_and_ignores_zero_claims() -> None:
+    view = swarm(10, server(1, 0, 5, throughput=10.0), server(2, 5, 10, throughput=10_000.0),
+                 server(3, 0, 10, throughput=0.0), server(4, 4, 6, throughput=20.0, state=JOINING))
+    costed = costed_throughputs(view)
+    # Server 2 shares blocks only with server 3 (no claim yet) and a joining server: nothing to compare with.
+    assert costed[pid(2)] == 10_000.0
+    assert costed[pid(1)] == 10.0 and costed[pid(3)] == 0.0
+    # A second opinion on server 2's blocks caps it.
+    costed = costed_throughputs(view.with_server(server(5, 8, 10, throughput=50.0)))
+    assert costed[pid(2)] == CLAIM_CAP * 50.0
+
+
+def test_a_liar_spanning_blocks_nobody_else_hosts_is_capped_by_the_blocks_others_do() -> None:
+    # Blocks 0-4: honest servers at 10 and 12 and the liar; blocks 5-9: the liar alone. Its cap comes from the
+    # shared blocks (low median of {10, 12, 1e6} = 12), not from its own claim on the blocks only it hosts.
+    view = swarm(10, server(1, 0, 5, throughput=10.0), server(2, 0, 5, throughput=12.0),
+                 server(3, 0, 10, throughput=1e6))
+    assert costed_throughputs(view)[pid(3)] == CLAIM_CAP * 12.0
