@@ -26,6 +26,7 @@ import torch
 from petalnode.errors import NoRouteError, PetalnodeError, VerificationError
 from petalnode.identity import PeerId
 from petalnode.node._failover import Phase, Verdict, classify
+from petalnode.node._referee import RefereeSession
 from petalnode.node._verification import (
     CheckSchedule,
     Side,
@@ -50,7 +51,8 @@ class _RangeCheck:
     end: int
     verified: int = 0
     """Positions [0, verified) of the outputs are checked."""
-    shadow: list[_Hop] | None = None
+    shadow: list[_Hop] | RefereeSession | None = None
+    """Other servers over the same blocks, or (FULL, no second server) the client's own copy."""
     shadow_position: int = 0
     """Positions the shadow's caches hold (<= verified)."""
     producers: list[tuple[int, PeerId | None]] = field(default_factory=list)
@@ -64,7 +66,7 @@ class _RangeCheck:
         return found
 
     def shadow_peers(self) -> set[PeerId]:
-        return {hop.peer_id for hop in self.shadow or ()}
+        return set() if isinstance(self.shadow, RefereeSession) else {hop.peer_id for hop in self.shadow or ()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +159,7 @@ class SessionVerifier:
         for _attempt in range(3):
             if r.shadow is None:
                 avoid = {p for _, p in r.producers if p is not None}
-                r.shadow = await self._open_chain(r, avoid)
+                r.shadow = await self._open_chain(r, avoid) or await self._open_referee(r)
                 r.shadow_position = 0
                 if r.shadow is None:
                     return self._unverifiable(r, "no other server hosts these blocks")
@@ -165,14 +167,19 @@ class SessionVerifier:
                 shadow_out = await self._run_chain(r.shadow, inputs[:, r.shadow_position:position],
                                                    r.shadow_position)
             except Exception as e:
+                if isinstance(r.shadow, RefereeSession):
+                    log.warning("verification: the client's own copy of blocks %d-%d failed: %s", r.start,
+                                r.end - 1, e)
+                    await self._drop_shadow(r)
+                    return self._unverifiable(r, f"the client's own copy failed: {e}")
                 self._shadow_failed(r, e)
                 await self._drop_shadow(r)
                 continue
             self.stats.checks += 1
             self.stats.positions_checked += position - r.shadow_position
             offset = r.verified - r.shadow_position
-            tol = self._tolerance([main], r.shadow_peers())
-            mismatch = first_mismatch(outputs[:, r.verified:position], shadow_out[:, offset:], tol)
+            mismatch = first_mismatch(outputs[:, r.verified:position], shadow_out[:, offset:],
+                                      self._shadow_tolerance(r, main))
             checked_from = r.verified
             r.shadow_position = position
             if mismatch is None:
@@ -188,10 +195,12 @@ class SessionVerifier:
     ) -> _Outcome:
         """The main outputs and the shadow's disagree from position `bad`: ask a third server, act on the majority."""
         self.stats.mismatches += 1
-        self.stats.third_opinions += 1
         if self.stats.first_detection_position is None:
             self.stats.first_detection_position = bad
         blamed = r.producer_at(bad)
+        if isinstance(r.shadow, RefereeSession):  # our own copy disagrees: no need to ask anyone else
+            return self._main_lied(r, bad, blamed, main, promote=None, third=None, position=position)
+        self.stats.third_opinions += 1
         avoid = {p for _, p in r.producers if p is not None} | r.shadow_peers()
         third = await self._open_chain(r, avoid)
         referee = self._session._client.referee
@@ -221,15 +230,9 @@ class SessionVerifier:
             first_mismatch(shadow_out, third_out, self._tolerance(r.shadow_peers(), third_by)))
         blocks = f"blocks {r.start}-{r.end - 1}"
         if verdict.liar is Side.MAIN:
-            self.stats.liars_banned += 1
-            self._session._client._ban(blamed, f"outputs of {blocks} disagree with two other servers from "
-                                       f"position {bad}", None)
-            log.warning("verification: the server of %s (%s) returned wrong hidden states from position %d; "
-                        "two other servers agree; rolling back to %d", blocks, blamed or main, bad, bad)
-            promote, r.shadow, r.shadow_position = r.shadow, third, position if third is not None else 0
-            r.verified = bad
-            r.producers = [(0, None)] if blamed is None else [p for p in r.producers if p[1] != blamed]
-            return _Outcome(rollback=bad, promote=promote)
+            promote = r.shadow
+            assert isinstance(promote, list)
+            return self._main_lied(r, bad, blamed, main, promote=promote, third=third, position=position)
         if verdict.liar is Side.SHADOW:
             self.stats.liars_banned += 1
             for peer in r.shadow_peers():
@@ -242,6 +245,26 @@ class SessionVerifier:
             await self._close_chain(third)
         await self._drop_shadow(r)
         return self._no_majority(r, bad, "three servers gave three different answers")
+
+    def _main_lied(self, r: _RangeCheck, bad: int, blamed: PeerId | None, main: PeerId | None, *,
+                   promote: list[_Hop] | None, third: list[_Hop] | None, position: int) -> _Outcome:
+        """Ban the main server, put its shadow in its place (or, when the shadow is our own copy, let failover
+        route a replacement), and roll back to `bad`."""
+        blocks = f"blocks {r.start}-{r.end - 1}"
+        self.stats.liars_banned += 1
+        by = "the client's own copy" if promote is None else "two other opinions"
+        self._session._client._ban(blamed, f"outputs of {blocks} disagree with {by} from position {bad}", None)
+        log.warning("verification: the server of %s (%s) returned wrong hidden states from position %d; %s "
+                    "agree(s); rolling back to %d", blocks, blamed or main, bad, by, bad)
+        r.verified = bad
+        r.producers = [(0, None)] if blamed is None else [p for p in r.producers if p[1] != blamed]
+        if promote is not None:
+            r.shadow, r.shadow_position = third, position if third is not None else 0
+        else:  # the referee stays the shadow; the main hop is replaced (and replayed) before its next step
+            for hop in self._session.hops:
+                if (hop.start, hop.end) == (r.start, r.end):
+                    hop.broken = True
+        return _Outcome(rollback=bad, promote=promote)
 
     async def _promote(self, r: _RangeCheck, chain: list[_Hop]) -> None:
         """Put `chain` (a shadow holding every position) in place of the main hop over `r`'s blocks."""
@@ -272,7 +295,29 @@ class SessionVerifier:
         except NoRouteError:
             return None
 
-    async def _run_chain(self, chain: list[_Hop], hidden: torch.Tensor, start: int) -> torch.Tensor:
+    async def _open_referee(self, r: _RangeCheck) -> RefereeSession | None:
+        """FULL mode with no second server: the client's own copy of the blocks is the shadow, if it has one."""
+        session = self._session
+        referee = session._client.referee
+        if self.mode is not VerifyMode.FULL or referee is None or session.adapter is not None:
+            return None
+        try:
+            return await referee.open_session(r.start, r.end, session.max_length, session.batch_size,
+                                              session.prompts)
+        except Exception as e:  # weights missing, out of memory: then the range is unverifiable
+            log.warning("verification: the client's own copy cannot run blocks %d-%d: %s", r.start, r.end - 1, e)
+            return None
+
+    def _shadow_tolerance(self, r: _RangeCheck, main: PeerId | None) -> float:
+        if isinstance(r.shadow, RefereeSession):
+            return self._tolerance([main], r.shadow.dtype)
+        return self._tolerance([main], r.shadow_peers())
+
+    async def _run_chain(self, chain: list[_Hop] | RefereeSession, hidden: torch.Tensor,
+                         start: int) -> torch.Tensor:
+        if isinstance(chain, RefereeSession):
+            self.stats.referee_runs += 1
+            return await chain.step(hidden, start)
         client = self._session._client
         for hop in chain:
             out = await client._send_step(hop, hidden, start)
@@ -314,7 +359,10 @@ class SessionVerifier:
         if chain:
             await self._close_chain(chain)
 
-    async def _close_chain(self, chain: list[_Hop]) -> None:
+    async def _close_chain(self, chain: list[_Hop] | RefereeSession) -> None:
+        if isinstance(chain, RefereeSession):
+            await chain.aclose()
+            return
         for hop in chain:
             await _quietly_close(hop)
 

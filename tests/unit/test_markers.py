@@ -10,7 +10,7 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent.parent
 # Modules here that only call pure functions (no processes, no sockets).
-PURE = {"tests/cli/test_cli_adapters.py"}
+PURE = {"tests/cli/test_cli_adapters.py", "tests/cli/test_cli_status.py"}
 
 
 def _marks(tree: ast.Module) -> set[str]:

@@ -16,9 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from petalnode import Timeouts
-from petalnode.errors import ConfigError, VerificationError, VerificationRollback
+from petalnode.errors import ConfigError, NoRouteError, VerificationError, VerificationRollback
 from petalnode.identity import Identity, PeerId
 from petalnode.node import Node, ServeOptions, SwarmClient, SwarmSession
+from petalnode.node._referee import RefereeSession
 from petalnode.node._verification import (
     CheckSchedule,
     Side,
@@ -309,10 +310,17 @@ class _StandInReferee:
 
     def __init__(self) -> None:
         self.runs = 0
+        self.sessions = 0
 
     async def run(self, start: int, end: int, hidden: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
         self.runs += 1
         return StandInSpan(start, end).forward_span(hidden, None, torch.arange(hidden.shape[1])[None])
+
+    async def open_session(self, start: int, end: int, max_length: int, batch_size: int,
+                           prompts: torch.Tensor | None) -> RefereeSession:
+        self.sessions += 1
+        return RefereeSession(StandInSpan(start, end), max_length=max_length, batch_size=batch_size,
+                              hidden_size=HIDDEN, dtype=torch.float32, prompts=prompts, inline=True)
 
 
 @pytest.mark.parametrize("liar_first", [True, False])
@@ -342,3 +350,34 @@ def test_with_two_servers_and_no_referee_sample_mode_reports_no_majority(caplog:
 
     run(scenario())
     assert "no majority" in caplog.text
+
+
+@pytest.mark.parametrize("liar_first", [True, False])
+def test_full_mode_with_two_servers_checks_the_survivor_with_the_clients_own_copy(liar_first: bool) -> None:
+    async def scenario() -> None:
+        names = ["liar", "honest"] if liar_first else ["honest", "liar"]
+        async with swarm(names, verify="full") as s:
+            s.client.referee = referee = _StandInReferee()
+            s.corruption.from_position["liar"] = len(PROMPT) + 2
+            session = await s.client.open_session(len(PROMPT) + NEW_TOKENS)
+            tokens, rollbacks = await generate(session, NEW_TOKENS)
+            assert tokens == REFERENCE and rollbacks == 0  # nothing wrong ever reached the caller
+            assert s.banned() == {"liar"} and s.route(session) == ["honest"]
+            assert referee.sessions == 1  # the survivor's shadow: a KV-cache session over the client's copy
+            stats = session.verify_stats
+            assert stats.unverifiable_hops == 0 and stats.max_unverified_steps == 0
+
+    run(scenario())
+
+
+def test_full_mode_bans_a_lone_liar_its_own_copy_disagrees_with() -> None:
+    async def scenario() -> None:
+        async with swarm(["liar"], verify="full") as s:
+            s.client.referee = _StandInReferee()
+            s.corruption.from_position["liar"] = len(PROMPT) + 2
+            session = await s.client.open_session(len(PROMPT) + NEW_TOKENS)
+            with pytest.raises(NoRouteError):  # the only server lied: nothing is left to route through
+                await generate(session, NEW_TOKENS)
+            assert s.banned() == {"liar"}
+
+    run(scenario())
