@@ -428,6 +428,7 @@ class SwarmClient:
         # What each server says it computes in (from its `info` reply): the verification tolerance depends on it.
         self.server_dtypes: dict[PeerId, torch.dtype | None] = {}
         self.unverifiable_warned: set[tuple[int, int]] = set()  # block ranges verification warned about
+        self.no_shadow_until: dict[tuple[int, int], float] = {}  # block range -> loop time to look for a shadow again
         self.bans: BanList = BanList(time.monotonic)
         self._given_transport = transport
         self._endpoint_factory = endpoint_factory

@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SHADOW_RETRY_S = 30.0
+"""After finding no independent server for a range, look again only this much later (sample mode)."""
+
 
 @dataclass
 class _RangeCheck:
@@ -158,10 +161,16 @@ class SessionVerifier:
         main = r.producer_at(position - 1)
         for _attempt in range(3):
             if r.shadow is None:
+                # Each look for another server may cost a DHT lookup: after none was found (by any session of this
+                # client), SAMPLE looks again only SHADOW_RETRY_S later.
+                loop, no_shadow = asyncio.get_running_loop(), self._session._client.no_shadow_until
+                if loop.time() < no_shadow.get((r.start, r.end), 0.0) and self.mode is not VerifyMode.FULL:
+                    return self._unverifiable(r, "no other server hosts these blocks")
                 avoid = {p for _, p in r.producers if p is not None}
                 r.shadow = await self._open_chain(r, avoid) or await self._open_referee(r)
                 r.shadow_position = 0
                 if r.shadow is None:
+                    no_shadow[r.start, r.end] = loop.time() + SHADOW_RETRY_S
                     return self._unverifiable(r, "no other server hosts these blocks")
             try:
                 shadow_out = await self._run_chain(r.shadow, inputs[:, r.shadow_position:position],
