@@ -107,14 +107,15 @@ def _generate(swarm: LocalSwarm, model_dir: Path, verify: str) -> tuple[torch.Te
         model.close()
 
 
-@pytest.mark.parametrize("liar", ["zeros"], indirect=True)
+@pytest.mark.parametrize("liar", ["skip"], indirect=True)
 def test_without_verification_the_liar_corrupts_the_output(honest_swarm, liar, tiny_model_dir, reference) -> None:
     output, banned, _ = _generate(honest_swarm, tiny_model_dir, "off")
     assert not torch.equal(output, reference)
     assert banned == set()
 
 
-@pytest.mark.parametrize("liar", list(KINDS), indirect=True)
+# zeros and skip are as blatant as the control's: the suite keeps the subtle kinds (benchmarks/integrity.py runs all).
+@pytest.mark.parametrize("liar", ["noise", "late", "long"], indirect=True)
 def test_verification_bans_the_liar_and_the_output_is_exact(honest_swarm, liar, tiny_model_dir, reference) -> None:
     for verify in ("sample", "full"):
         output, banned, stats = _generate(honest_swarm, tiny_model_dir, verify)
