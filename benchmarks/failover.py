@@ -52,7 +52,8 @@ def main() -> None:
                     victim.process.send_signal(signal.SIGKILL)
                     victim.process.wait(10)
 
-                model = AutoDistributedModelForCausalLM.from_pretrained(None, bootstrap=[swarm.bootstrap_address])
+                model = AutoDistributedModelForCausalLM.from_pretrained(None, bootstrap=[swarm.bootstrap_address],
+                                                                        verify="off")
                 try:
                     streamer = _FailAt(model, FAIL_AT_TOKEN, kill)
                     with model.inference_session(max_length=ids.shape[1] + NEW_TOKENS) as session:

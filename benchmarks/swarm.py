@@ -81,7 +81,9 @@ def main() -> None:
     started = time.perf_counter()
     with LocalSwarm(None, spans=[(0, 10), (10, 20), (20, 30)], threads=args.server_threads,
                     extra_args=["--rebalance-period", "0", "--dtype", args.server_dtype]) as swarm:
-        remote = AutoDistributedModelForCausalLM.from_pretrained(None, bootstrap=[swarm.bootstrap_address])
+        # Our own processes, as `petalnode generate` without --bootstrap: not verified.
+        remote = AutoDistributedModelForCausalLM.from_pretrained(None, bootstrap=[swarm.bootstrap_address],
+                                                                 verify="off")
         try:
             _run(remote, prompts[16], 4)  # warm-up: connections, RTT probes, first allocations
             _run(local, prompts[16], 4)

@@ -73,7 +73,8 @@ def main() -> None:
     with LocalSwarm(None, spans=[(0, 10), (10, 20), (20, 30)], threads=args.server_threads,
                     extra_args=["--rebalance-period", "0", "--dtype", "fp32"]) as swarm:
         remote = DistributedModelForCausalLM.from_pretrained(
-            None, bootstrap=[swarm.bootstrap_address], tuning_mode=args.mode, pre_seq_len=args.pre_seq_len)
+            None, bootstrap=[swarm.bootstrap_address], tuning_mode=args.mode, pre_seq_len=args.pre_seq_len,
+            verify="off")
         try:
             prompt = torch.nn.Parameter(remote.prompt_tuning.prompt_embeddings.detach().clone())
             # Same starting point; gradient check on the first (warm-up) step, before either optimizer moves.

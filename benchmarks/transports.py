@@ -211,7 +211,8 @@ def swarm(runs: int, new_tokens: int, threads: int, switch_interval_s: float | N
                                    mode="public" if kind == "tcp" else "nat", **extra)
                 processes.append(server)
             options = {"transport": signaling.transport(), "identity": signaling.identity} if kind == "webrtc" else {}
-            models[kind] = AutoDistributedModelForCausalLM.from_pretrained(None, bootstrap=[bootstrap], **options)
+            models[kind] = AutoDistributedModelForCausalLM.from_pretrained(None, bootstrap=[bootstrap], verify="off",
+                                                                          **options)
             models[kind].generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up: connections
         runs_of: dict[str, dict[str, list[float]]] = {k: {"ttft": [], "decode": []} for k in models}
         for _ in range(runs):
