@@ -194,6 +194,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         for _ in range(MAX_VERIFICATION_RERUNS + 1):
             call_ids = torch.cat([ids, generated], dim=1)
             call_kwargs = _remaining(kwargs, generated.shape[1], max_new)
+            if generated.shape[1] and _ended(generated, kwargs, self.generation_config):
+                call_kwargs = None  # the checked tokens already end with EOS: an honest swarm stops there too
             active.new_generate_call = True
             try:
                 output = call_ids if call_kwargs is None else super().generate(call_ids, **call_kwargs)
@@ -355,6 +357,15 @@ def _max_new_tokens(kwargs: dict[str, Any], config: GenerationConfig, input_leng
     if config.max_new_tokens is not None:
         return int(config.max_new_tokens)
     return int(config.max_length or input_length + 20) - input_length
+
+
+def _ended(generated: torch.Tensor, kwargs: dict[str, Any], config: GenerationConfig) -> bool:
+    """Every row's last generated token is an end-of-sequence token."""
+    eos = kwargs.get("eos_token_id", config.eos_token_id)
+    if eos is None:
+        return False
+    ids = torch.tensor([eos] if isinstance(eos, int) else list(eos))
+    return bool(torch.isin(generated[:, -1], ids).all())
 
 
 def _remaining(kwargs: dict[str, Any], done: int, max_new: int) -> dict[str, Any] | None:
