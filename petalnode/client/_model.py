@@ -51,6 +51,9 @@ class _ActiveSession:
     owner_depth: int = field(default=0)
     # After a verification rollback: how many leading tokens of the next generate() call the caches already hold.
     skip_next: int | None = None
+    # The tokens a generate() call returned but never fed through the blocks (transformers' generate does not run
+    # the token it sampled last): fed first on the next call, unless that call's input repeats the whole history.
+    pending: torch.Tensor | None = None
 
 
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
@@ -185,10 +188,14 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         verify = getattr(active.session, "verify", None)
         kwargs = dict(kwargs)
         ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
-        if verify is None or ids is None:
+        if ids is None:
             active.new_generate_call = True
             return super().generate(ids, **kwargs)
         offset = self._call_offset(active, ids)
+        if verify is None:
+            active.new_generate_call = True
+            return self._keep_unfed(active, super().generate(ids, **kwargs), offset)
+        call_start = 0 if active.history is None else active.history.shape[1]
         max_new = _max_new_tokens(kwargs, self.generation_config, ids.shape[1])
         generated = ids[:, :0]
         for _ in range(MAX_VERIFICATION_RERUNS + 1):
@@ -200,29 +207,48 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             try:
                 output = call_ids if call_kwargs is None else super().generate(call_ids, **call_kwargs)
                 verify()
-                return output
+                return self._keep_unfed(active, output, offset)
             except VerificationRollback as e:
-                generated = self._resume_after_rollback(active, e.position, offset, ids)
+                generated = self._resume_after_rollback(active, e.position, offset, call_start, ids)
         raise InvalidStateError(f"generation rolled back {MAX_VERIFICATION_RERUNS} times: servers keep disagreeing")
 
     @staticmethod
     def _call_offset(active: _ActiveSession, ids: torch.Tensor) -> int:
-        """Where a generate() call's input starts in the session's token history (see _skip_known_prefix)."""
+        """Where a generate() call's input starts in the session's token history (see _skip_known_prefix): at 0
+        when it repeats the whole history, else after the history and the pending tokens fed before it."""
         history = active.history
         if history is None:
             return 0
         known = history.shape[1]
-        return 0 if ids.shape[1] > known and torch.equal(ids[:, :known], history) else known
+        if ids.shape[1] > known and torch.equal(ids[:, :known], history):
+            return 0
+        return known + (0 if active.pending is None else active.pending.shape[1])
 
-    def _resume_after_rollback(self, active: _ActiveSession, position: int, offset: int,
+    @staticmethod
+    def _keep_unfed(active: _ActiveSession, output: Any, offset: int) -> Any:
+        """Remember the call's tokens that were never fed (the last one sampled) for the next call; return output
+        (a tensor, or transformers' output object with `sequences`)."""
+        sequences = output.sequences if hasattr(output, "sequences") else output
+        fed = 0 if active.history is None else active.history.shape[1]
+        pending = sequences[:, max(0, fed - offset) :]
+        active.pending = pending if pending.shape[1] else None
+        return output
+
+    def _resume_after_rollback(self, active: _ActiveSession, position: int, offset: int, call_start: int,
                                ids: torch.Tensor) -> torch.Tensor:
         """The caches now hold positions [0, position): keep the tokens that came from checked outputs, and
         return the tokens this call had generated before them (the next run continues after those)."""
         token = position - self.pre_seq_len if self.prompt_tuning is not None else position
         history = active.history
-        if history is None or token < offset or token >= history.shape[1]:
+        if history is None or token < call_start or token >= history.shape[1]:
             raise InvalidStateError(f"verification rolled the session back to position {position}, outside this "
                                     "generate() call; start the generation again")
+        if token < offset:  # into the tokens fed before this call's input: feed them again first
+            log.warning("verification: a server returned wrong hidden states; it was banned and generation "
+                        "restarts from this call's first token")
+            active.pending = history[:, token:offset]
+            active.history = history[:, :token]
+            return ids[:, :0]
         log.warning("verification: a server returned wrong hidden states; it was banned and generation resumes "
                     "from token %d (%d tokens already streamed are retracted)", token - offset,
                     history.shape[1] - token)
@@ -291,10 +317,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         history = active.history
         if not first_call or history is None:
             return input_ids
+        pending, active.pending = active.pending, None
         known = history.shape[1]
         if input_ids.shape[1] > known and torch.equal(input_ids[:, :known], history):
             return input_ids[:, known:]
-        return input_ids
+        # Only the new turn was passed: the previous turn's last token was never fed, so it goes first.
+        return input_ids if pending is None else torch.cat([pending.to(input_ids.device), input_ids], dim=1)
 
     def close(self) -> None:
         self.chain.close()

@@ -60,6 +60,26 @@ def test_multi_turn_session_continues_the_cache(models) -> None:
     assert torch.equal(second_out[:, second.shape[1]:], expected[:, history.shape[1]:])
 
 
+@pytest.mark.parametrize("whole_history", [False, True])
+def test_multi_turn_sessions_equal_transformers_on_the_concatenated_history(models, whole_history: bool) -> None:
+    # transformers' generate never feeds the token it sampled last: the session must feed it before the next turn
+    # (Petals' last_token_id). Scores (every step's logits) are compared, not only tokens: a missing token does not
+    # always change a tiny model's greedy choice, but it always changes the logits.
+    ours, reference = models
+    turns = [PROMPT, torch.tensor([[11, 12, 13]]), torch.tensor([[200, 31]]), torch.tensor([[7]])]
+    history = torch.zeros(1, 0, dtype=torch.long)
+    options = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with ours.inference_session(max_length=64):
+        for turn in turns:
+            context = torch.cat([history, turn], 1)
+            got = ours.generate(context if whole_history else turn, **options)
+            want = reference.generate(context, **options)
+            assert torch.equal(got.sequences[:, -4:], want.sequences[:, -4:])
+            for a, b in zip(got.scores, want.scores, strict=True):
+                assert (a - b).abs().max().item() <= 1e-4
+            history = want.sequences
+
+
 def test_stopping_criteria_and_streamer_are_honoured(models) -> None:
     ours, _ = models
 
