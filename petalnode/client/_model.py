@@ -42,6 +42,30 @@ MAX_VERIFICATION_RERUNS = 8
 _OUTPUT_CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
+class _SessionCache:
+    """What the model hands transformers as its cache (the real caches live in the chain's sessions).
+
+    Assisted generation and prompt lookup feed drafted tokens, then call `crop(-n)` to drop the n that were
+    rejected; the model's next step then starts n positions earlier, which rolls the chain's caches back.
+    """
+
+    is_croppable = True
+    is_compileable = False
+
+    def __init__(self) -> None:
+        self.to_remove = 0
+        self.base = 0  # the session position of the current generate() call's first token
+        self.length = 0  # tokens of the current generate() call in the chain's caches
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        self.to_remove += -tokens_to_remove
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+
 @dataclass
 class _ActiveSession:
     session: ChainSession
@@ -54,6 +78,8 @@ class _ActiveSession:
     # The tokens a generate() call returned but never fed through the blocks (transformers' generate does not run
     # the token it sampled last): fed first on the next call, unless that call's input repeats the whole history.
     pending: torch.Tensor | None = None
+    # What transformers holds as this session's cache (see _SessionCache).
+    cache: _SessionCache = field(default_factory=lambda: _SessionCache())
 
 
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
@@ -176,6 +202,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             max_length = kwargs.get("max_length") or self.generation_config.max_length or input_ids.shape[1] + 20
         else:
             max_length = input_ids.shape[1] + int(max_new)
+        # Assisted generation / prompt lookup verifies drafted tokens past the current length: leave them room.
+        max_length += _draft_room(kwargs, self.generation_config)
         with self.inference_session(max_length=max_length, batch_size=input_ids.shape[0]):
             return self._generate_checked(inputs, kwargs)
 
@@ -278,6 +306,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
             )
         cache = kwargs.get("cache", past_key_values)  # newer transformers 5.x pass (and name) it `cache`
+        if self._active is not None:
+            cache = self._active.cache
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_OUTPUT_CACHE_FIELD: cache})
 
     def _hidden_states(
@@ -286,25 +316,41 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         """The last block's output for the input positions (prompt positions removed); differentiable."""
         active = self._active
         _check_padding(attention_mask, allow_right_padding=active is None)
+        start = None if active is None else active.session.position
+        if active is not None:
+            if active.new_generate_call:
+                active.cache.to_remove = 0
+            # Draft tokens transformers cropped after the last step (rejected): start that many positions earlier.
+            start, active.cache.to_remove = max(0, active.session.position - active.cache.to_remove), 0
         if active is not None and input_ids is not None:
+            first_call, given = active.new_generate_call, input_ids.shape[1]
             input_ids = self._skip_known_prefix(active, input_ids)
+            if first_call:  # the fed tokens end with the call's last one
+                active.cache.base = start + input_ids.shape[1] - given
         if inputs_embeds is None:
             if input_ids is None:
                 raise BadRequestError("forward() needs input_ids or inputs_embeds")
             inputs_embeds = self.head.embed(input_ids)
         tuning = self.prompt_tuning
         prefix = 0
-        if tuning is not None and (active is None or active.session.position == 0):
+        if tuning is not None and (active is None or start == 0):
             inputs_embeds = torch.cat([tuning.shallow(inputs_embeds.shape[0]).to(inputs_embeds.dtype),
                                        inputs_embeds], dim=1)
             prefix = tuning.pre_seq_len
+            if active is not None:
+                active.cache.base += prefix
         if active is None:
             deep = None if tuning is None else tuning.deep()
             hidden = self.chain.forward(inputs_embeds, prompts=deep, adapter=self.adapter)
         else:
-            hidden = active.session.step(inputs_embeds, start_position=active.session.position)
+            assert start is not None
+            hidden = active.session.step(inputs_embeds, start_position=start)
             if input_ids is not None:
-                active.history = input_ids if active.history is None else torch.cat([active.history, input_ids], 1)
+                # A start before the end of the history (drafts rejected) forgets the tokens after it.
+                kept = None if active.history is None else active.history[:, : max(0, start - self.pre_seq_len)
+                                                                          if tuning is not None else start]
+                active.history = input_ids if kept is None else torch.cat([kept, input_ids], 1)
+            active.cache.length = active.session.position - active.cache.base
         return hidden[:, prefix:]
 
     @staticmethod
@@ -385,6 +431,15 @@ def _max_new_tokens(kwargs: dict[str, Any], config: GenerationConfig, input_leng
     if config.max_new_tokens is not None:
         return int(config.max_new_tokens)
     return int(config.max_length or input_length + 20) - input_length
+
+
+def _draft_room(kwargs: dict[str, Any], config: GenerationConfig) -> int:
+    """Positions past max_new_tokens that assisted generation or prompt lookup may draft into."""
+    if kwargs.get("prompt_lookup_num_tokens") is not None:
+        return int(kwargs["prompt_lookup_num_tokens"])
+    if kwargs.get("assistant_model") is not None or kwargs.get("assistant_tokenizer") is not None:
+        return int(kwargs.get("num_assistant_tokens") or config.num_assistant_tokens or 20)
+    return 0
 
 
 def _ended(generated: torch.Tensor, kwargs: dict[str, Any], config: GenerationConfig) -> bool:

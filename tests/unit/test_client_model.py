@@ -80,6 +80,21 @@ def test_multi_turn_sessions_equal_transformers_on_the_concatenated_history(mode
             history = want.sequences
 
 
+@pytest.mark.parametrize("in_session", [False, True])
+def test_prompt_lookup_drafts_give_the_same_greedy_tokens(models, in_session: bool) -> None:
+    # transformers' own assisted generation: drafted tokens are verified in one multi-token step, the rejected ones
+    # cropped from "the cache", which must roll the chain's sessions back (and the session needs room for drafts).
+    ours, reference = models
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 5, 17, 42, 99, 3]])
+    want = reference.generate(ids, max_new_tokens=24, do_sample=False)
+    if in_session:
+        with ours.inference_session(max_length=64):
+            got = ours.generate(ids, max_new_tokens=24, do_sample=False, prompt_lookup_num_tokens=4)
+    else:
+        got = ours.generate(ids, max_new_tokens=24, do_sample=False, prompt_lookup_num_tokens=4)
+    assert torch.equal(got, want)
+
+
 def test_stopping_criteria_and_streamer_are_honoured(models) -> None:
     ours, _ = models
 
