@@ -93,3 +93,18 @@ def test_default_model_through_three_servers_matches_transformers(default_model_
     expected = reference.generate(ids, max_new_tokens=20, do_sample=False)
     assert torch.equal(ours, expected)
     assert tokenizer.decode(ours[0, ids.shape[1]:]).startswith(" Paris")
+
+
+def test_prompt_lookup_through_the_swarm_equals_plain_greedy_and_bans_nobody(tiny_swarm: LocalSwarm,
+                                                                           tiny_model_dir: Path) -> None:
+    # transformers' own assisted generation through the library model: drafts are verified in multi-token steps
+    # and the rejected ones rolled back on the servers; no server is blamed for the client's drafts.
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 5, 17, 42, 99, 3]])
+    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_model_dir, bootstrap=[tiny_swarm.bootstrap_address])
+    try:
+        got = model.generate(ids, max_new_tokens=24, do_sample=False, prompt_lookup_num_tokens=4)
+        assert torch.equal(got, reference.generate(ids, max_new_tokens=24, do_sample=False))
+        assert model.chain.client.bans.banned() == set()
+    finally:
+        model.close()
