@@ -44,7 +44,7 @@ run: $(STAMP) $(MODEL_STAMP)
 
 test: $(TEST_STAMP) $(MODEL_STAMP) $(NATBED_STAMP)
 	$(BIN)/ruff check petalnode tests benchmarks simulations
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check petalnode tests benchmarks simulations
