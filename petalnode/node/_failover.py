@@ -189,6 +189,19 @@ def next_action(
                    attempts=Attempts(failures=failures, refused_by=refused))
 
 
+def checker_failure_bans(error: BaseException, *, phase: Phase) -> bool:
+    """A call to a server that was only checking another one (verification) failed: ban it?
+
+    Yes when the server failed or cannot serve (SERVER_FAULT, UNAVAILABLE); not for a refusal (the request may be
+    the cause, and the checked reply is simply left unchecked). Not a server failure at all (our bug, a closed
+    client): `error` itself is raised.
+    """
+    verdict = classify(error, phase=phase)
+    if verdict is Verdict.CLIENT:
+        raise error
+    return verdict in (Verdict.SERVER_FAULT, Verdict.UNAVAILABLE)
+
+
 def accepted(attempts: Attempts) -> tuple[frozenset[PeerId], Attempts]:
     """A server accepted the request: (servers to ban now, the record to go on with).
 

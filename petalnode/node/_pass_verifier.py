@@ -19,7 +19,7 @@ import torch
 from petalnode.dht import ServerState
 from petalnode.errors import VerificationError
 from petalnode.identity import PeerId
-from petalnode.node._failover import Phase, Verdict, classify
+from petalnode.node._failover import Phase, checker_failure_bans
 from petalnode.node._routing import DEFAULT_RTT_S, same_weights
 from petalnode.node._swarm_view import ServerView
 from petalnode.node._verification import (
@@ -151,10 +151,7 @@ class PassVerifier:
         return tolerance(self._dtype(a), self._dtype(b))
 
     def _failed(self, server: ServerView, what: str, error: Exception) -> None:
-        verdict = classify(error, phase=Phase.FORWARD)
-        if verdict is Verdict.CLIENT:
-            raise error
-        if verdict in (Verdict.SERVER_FAULT, Verdict.UNAVAILABLE):
+        if checker_failure_bans(error, phase=Phase.FORWARD):
             self._client._ban(server.peer_id, f"checking {what}", error)
 
     def _unverifiable(self, what: str, replies: Replies, why: str) -> Replies:

@@ -25,7 +25,7 @@ import torch
 
 from petalnode.errors import NoRouteError, PetalnodeError, VerificationError
 from petalnode.identity import PeerId
-from petalnode.node._failover import Phase, Verdict, classify
+from petalnode.node._failover import Phase, checker_failure_bans
 from petalnode.node._referee import RefereeSession
 from petalnode.node._verification import (
     CheckSchedule,
@@ -100,13 +100,6 @@ class SessionVerifier:
         precise pair of dtypes."""
         others = [b] if isinstance(b, torch.dtype) else self._dtypes(b)
         return max(tolerance(x, y) for x in self._dtypes(a) for y in others)
-
-    @property
-    def verified_position(self) -> int:
-        """Positions [0, this) of the session's final outputs are checked on every hop."""
-        if not self._ranges:
-            return 0
-        return min(r.verified for r in self._ranges.values())
 
     def rolled_back(self, position: int) -> None:
         """The session now holds only positions [0, position)."""
@@ -335,10 +328,7 @@ class SessionVerifier:
         return hidden
 
     def _shadow_failed(self, r: _RangeCheck, error: Exception) -> None:
-        verdict = classify(error, phase=Phase.STEP)
-        if verdict is Verdict.CLIENT:
-            raise error
-        if verdict in (Verdict.SERVER_FAULT, Verdict.UNAVAILABLE):
+        if checker_failure_bans(error, phase=Phase.STEP):
             for peer in r.shadow_peers():
                 self._session._client._ban(peer, f"verifying blocks {r.start}-{r.end - 1}", error)
 

@@ -220,3 +220,14 @@ def test_backward_tries_the_original_server_first_unless_banned_or_failed() -> N
     refused = next_action(Attempts(), BadRequestError("?"), phase=Phase.BACKWARD, peer=pid(1), blocks=BLOCKS,
                           what="x")
     assert isinstance(refused, Reroute) and not retry_original_server(refused.attempts, banned=False)
+
+
+def test_a_failing_checker_is_banned_only_for_server_failures() -> None:
+    from petalnode.errors import BadRequestError, BusyError, InvalidStateError, RemoteProtocolError
+    from petalnode.node._failover import checker_failure_bans
+
+    assert checker_failure_bans(RemoteProtocolError("garbage"), phase=Phase.STEP)
+    assert checker_failure_bans(BusyError("full"), phase=Phase.FORWARD)
+    assert not checker_failure_bans(BadRequestError("refused"), phase=Phase.STEP)
+    with pytest.raises(InvalidStateError):  # ours, not the server's: raised as it is
+        checker_failure_bans(InvalidStateError("closed"), phase=Phase.STEP)
