@@ -57,13 +57,27 @@ class ModelFamily(Protocol):
     def kv_bytes_per_token_per_block(self, config: PretrainedConfig, dtype: torch.dtype) -> int: ...
 
 
-def family_for(config: PretrainedConfig) -> ModelFamily:
-    """The model family serving `config.model_type`, or a clear error naming the supported families."""
-    from petalnode.compute.models.llama import LLAMA_FAMILY
+# Every family, as "module:attribute", imported only when a config asks for it (torch-heavy modules stay lazy).
+# One line per family module: the model_types each serves are declared by the family itself.
+FAMILY_MODULES: tuple[str, ...] = ("petalnode.compute.models.llama:LLAMA_FAMILY",)
 
-    for family in (LLAMA_FAMILY,):
+
+def all_families() -> list[ModelFamily]:
+    """Every registered family, imported on demand."""
+    import importlib
+
+    families = []
+    for entry in FAMILY_MODULES:
+        module_name, _, attribute = entry.partition(":")
+        families.append(getattr(importlib.import_module(module_name), attribute))
+    return families
+
+
+def family_for(config: PretrainedConfig) -> ModelFamily:
+    """The model family serving `config.model_type`, or a clear error naming the supported model types."""
+    families = all_families()
+    for family in families:
         if config.model_type in family.model_types:
             return family
-    raise ConfigError(
-        f"model type {config.model_type!r} is not supported yet; supported: {sorted(LLAMA_FAMILY.model_types)}"
-    )
+    supported = sorted(t for family in families for t in family.model_types)
+    raise ConfigError(f"model type {config.model_type!r} is not supported yet; supported: {supported}")
