@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+from petalnode.cli._monitor import add_monitor_options, serve_health_page
 from petalnode.cli._swarm_key import add_swarm_key_option, swarm_key_from_args
 from petalnode.errors import ConfigError
 
@@ -18,6 +19,7 @@ def add_daemon_parsers(commands: argparse._SubParsersAction) -> None:
     boot = commands.add_parser("bootstrap", help="run a DHT-only node that others join")
     boot.add_argument("--listen", default="0.0.0.0:31337", help="HOST:PORT to listen on (TCP and UDP)")
     _common(boot)
+    add_monitor_options(boot)
     boot.set_defaults(run=run_bootstrap)
 
     join = commands.add_parser("join", help="donate this machine: serve blocks of a model to a swarm")
@@ -42,6 +44,7 @@ def add_daemon_parsers(commands: argparse._SubParsersAction) -> None:
                            "the directory name or the hub id)")
     _fair_share_flags(join)
     _common(join)
+    add_monitor_options(join)
     join.set_defaults(run=run_join)
 
 
@@ -103,16 +106,17 @@ def _node_kwargs(args: argparse.Namespace, *, public: bool = False) -> dict:
                 record_ttl_s=args.record_ttl or DEFAULT_RECORD_TTL_S, nat=nat, swarm_key=swarm_key_from_args(args))
 
 
-async def _serve_until_stopped(node, on_ready) -> None:
+async def _serve_until_stopped(node, on_ready, args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
         await node.start()
-        on_ready(node)
-        await stop.wait()
-        print("petalnode: shutting down (announcing offline)...", file=sys.stderr, flush=True)
+        async with serve_health_page(node, args) as health:  # {"monitor": url} with --monitor-port, else {}
+            on_ready(node, health)
+            await stop.wait()
+            print("petalnode: shutting down (announcing offline)...", file=sys.stderr, flush=True)
     finally:
         await node.aclose()
 
@@ -130,13 +134,13 @@ def run_bootstrap(args: argparse.Namespace) -> int:
 
     node = Node(**_node_kwargs(args, public=True))
 
-    def ready(node: Node) -> None:
+    def ready(node: Node, health: dict) -> None:
         print(str(node.address), flush=True)
         print(f"petalnode: bootstrap running. Others join with:\n  petalnode join --bootstrap {node.address}",
               file=sys.stderr, flush=True)
-        _write_ready(args.ready_file, {"address": str(node.address)})
+        _write_ready(args.ready_file, {"address": str(node.address), **health})
 
-    asyncio.run(_serve_until_stopped(node, ready))
+    asyncio.run(_serve_until_stopped(node, ready, args))
     return 0
 
 
@@ -159,16 +163,31 @@ def run_join(args: argparse.Namespace) -> int:
                            fair_share=fair_share)
     node = Node(**_node_kwargs(args), bootstrap=args.bootstrap, serve=options, progress=progress_bar.update)
 
-    def ready(node: Node) -> None:
+    def ready(node: Node, health: dict) -> None:
         progress_bar.close()
         hosted = node.hosted
         with_adapters = f" with LoRA adapters {', '.join(sorted(hosted.adapters))}" if hosted.adapters else ""
         print(f"petalnode: serving blocks {hosted.start}:{hosted.end} of {hosted.model}{with_adapters} at "
               f"{node.address} ({hosted.throughput:.0f} steps/s per block). Ctrl-C to leave.", file=sys.stderr,
               flush=True)
-        _write_ready(args.ready_file, {"address": str(node.address), "start": hosted.start, "end": hosted.end})
+        _write_ready(args.ready_file, {"address": str(node.address), "start": hosted.start, "end": hosted.end,
+                                       **health})
 
-    asyncio.run(_serve_until_stopped(node, ready))
+    asyncio.run(_serve_until_stopped(node, ready, args))
+    return 0
+
+
+def run_monitor_node(args: argparse.Namespace) -> int:
+    """`petalnode monitor`: a node (a bootstrap of its own without --bootstrap) whose job is the health page."""
+    from petalnode.node import Node
+
+    node = Node(**_node_kwargs(args, public=not args.bootstrap), bootstrap=args.bootstrap)
+
+    def ready(node: Node, health: dict) -> None:
+        print(health["monitor"], flush=True)
+        _write_ready(args.ready_file, {"address": str(node.address), **health})
+
+    asyncio.run(_serve_until_stopped(node, ready, args))
     return 0
 
 

@@ -9,6 +9,7 @@ import sys
 from petalnode.cli._daemon import add_daemon_parsers
 from petalnode.cli._digest import add_digest_parser
 from petalnode.cli._generate import add_generate_parser
+from petalnode.cli._monitor import add_monitor_parser
 from petalnode.cli._status import add_status_parser
 from petalnode.cli._swarm_key import add_swarm_key_parser
 from petalnode.errors import PetalnodeError
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_daemon_parsers(commands)
     add_digest_parser(commands)
     add_generate_parser(commands)
+    add_monitor_parser(commands)
     add_status_parser(commands)
     add_swarm_key_parser(commands)
     return parser

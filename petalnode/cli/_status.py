@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from pathlib import Path
 
@@ -17,6 +18,9 @@ def add_status_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default=None, help="local model directory or id (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--pinned-digests", type=Path, default=None, metavar="FILE",
                         help="the model's block digests from `petalnode digest`, for a copy without block weights")
+    parser.add_argument("--json", action="store_true",
+                        help="print the health report the health page serves at /api/health (per block coverage, "
+                             "servers, measured round trips) instead of the table")
     add_swarm_key_option(parser)
     parser.set_defaults(run=run_status)
 
@@ -26,6 +30,10 @@ def run_status(args: argparse.Namespace) -> int:
 
     swarm_key = swarm_key_from_args(args)  # before loading the model: a bad key file fails at once
     info = load_model_info(args.model)
+    if args.json:  # exactly the health page's report; like the page, it does not check weights against ours
+        report = asyncio.run(_health(args.bootstrap, info.source.name, info.num_blocks, swarm_key))
+        print(json.dumps(report, indent=2))
+        return 0 if report["healthy"] else 1
     try:
         span_digest = span_digest_for(info, args.pinned_digests)  # hashed once, then cached next to the weights
     except ConfigError as e:
@@ -40,18 +48,39 @@ def run_status(args: argparse.Namespace) -> int:
 
 async def _fetch(bootstrap: list[str], model: str, num_blocks: int, swarm_key=None):
     from petalnode.dht import DHTNode
-    from petalnode.identity import Identity, PeerAddress
+    from petalnode.identity import Identity
     from petalnode.node import fetch_swarm
 
-    addresses = [PeerAddress.parse(a) for a in bootstrap]
     async with DHTNode(Identity.generate(), client_mode=True, swarm_key=swarm_key) as dht:
-        try:
-            await dht.bootstrap([(a.host, a.port) for a in addresses])
-        except DHTError as e:
-            raise DHTError(f"no peers reachable at the bootstrap address ({', '.join(bootstrap)}): {e}. "
-                           "Check that a bootstrap or server is running there (and, for a private swarm, that "
-                           "--swarm-key names its key).") from e
+        await _bootstrap(dht, bootstrap)
         return await fetch_swarm(dht, model, num_blocks)
+
+
+async def _health(bootstrap: list[str], model: str, num_blocks: int, swarm_key=None) -> dict:
+    """The health report (node/_health.py) through a client-mode DHT node, plus an RPC to time the servers."""
+    from petalnode.dht import DHTNode
+    from petalnode.identity import Identity
+    from petalnode.node import collect_health
+    from petalnode.rpc import RPC
+    from petalnode.transport import TcpTransport
+
+    identity = Identity.generate()
+    async with (TcpTransport(identity, swarm_key=swarm_key) as transport, RPC(transport) as rpc,
+                DHTNode(identity, client_mode=True, swarm_key=swarm_key) as dht):
+        await _bootstrap(dht, bootstrap)
+        return await collect_health(dht, rpc, [(model, num_blocks)], measured_by=str(identity.peer_id))
+
+
+async def _bootstrap(dht, bootstrap: list[str]) -> None:
+    from petalnode.identity import PeerAddress
+
+    addresses = [PeerAddress.parse(a) for a in bootstrap]
+    try:
+        await dht.bootstrap([(a.host, a.port) for a in addresses])
+    except DHTError as e:
+        raise DHTError(f"no peers reachable at the bootstrap address ({', '.join(bootstrap)}): {e}. "
+                       "Check that a bootstrap or server is running there (and, for a private swarm, that "
+                       "--swarm-key names its key).") from e
 
 
 def render_status(view, model: str, bootstrap: str, *, span_digest=None) -> str:

@@ -11,6 +11,8 @@ from petalnode.node._backend import ComputeBackend, InlineExecutor, LoraCapableB
 from petalnode.node._bans import BanList
 from petalnode.node._executor import PRIORITY_BULK, PRIORITY_INFERENCE, ComputeExecutor
 from petalnode.node._fair_share import FairShareLimits
+from petalnode.node._health import Probe, ProbeStatus, health_report, model_health
+from petalnode.node._health_probe import collect_health, probe_servers
 from petalnode.node._local_swarm import LocalSwarm, SwarmProcess, parse_span
 from petalnode.node._node import DEFAULT_RECORD_TTL_S, Node, NodeState, ServeOptions
 from petalnode.node._observed import ObservedSpeeds
@@ -43,6 +45,8 @@ __all__ = [
     "Node",
     "NodeState",
     "ObservedSpeeds",
+    "Probe",
+    "ProbeStatus",
     "RemoteBlockChain",
     "RemoteChainSession",
     "RouteHop",
@@ -58,10 +62,14 @@ __all__ = [
     "VerifyStats",
     "choose_blocks",
     "choose_route",
+    "collect_health",
     "costed_throughputs",
     "describe_runs",
     "fetch_swarm",
+    "health_report",
+    "model_health",
     "parse_span",
+    "probe_servers",
     "route_cost_s",
     "same_weights",
     "should_move",

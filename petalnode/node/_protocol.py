@@ -19,7 +19,9 @@ import torch
 
 from petalnode.codecs import Message, register_message, wire_field
 
-MAX_MODEL_NAME = 128
+# The "info" messages are torch-free (a bootstrap's health page probes servers with them); re-exported here.
+from petalnode.node._info import MAX_MODEL_NAME, InfoRequest, ServerInfo  # noqa: F401
+
 MAX_SEQUENCE = 1 << 16
 MAX_BATCH = 64
 MAX_ADAPTER_NAME = 64
@@ -118,24 +120,3 @@ class BackwardResult(Message):
     VERSION: ClassVar[int] = 1
     grad_hidden: torch.Tensor = wire_field(shape=(None, None, None))
     grad_prompts: torch.Tensor | None = wire_field(default=None, shape=(None, None, None, None))
-
-
-@register_message
-class InfoRequest(Message):
-    KIND: ClassVar[str] = "node.info"
-    VERSION: ClassVar[int] = 1
-
-
-@register_message
-class ServerInfo(Message):
-    KIND: ClassVar[str] = "node.info.result"
-    VERSION: ClassVar[int] = 2
-    model: str = wire_field(max_len=MAX_MODEL_NAME)
-    start_block: int = wire_field(min_value=0)
-    end_block: int = wire_field(min_value=0)
-    throughput: float = wire_field(min_value=0.0)
-    cache_tokens_left: int = wire_field(min_value=0)
-    sessions: int = wire_field(min_value=0)
-    version: str = wire_field(max_len=32)
-    # The dtype the blocks compute in ("float32", "bfloat16", ...): verifying clients pick their tolerance by it.
-    dtype: str = wire_field(default="", max_len=16)
