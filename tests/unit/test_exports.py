@@ -8,7 +8,7 @@ import types
 import pytest
 
 PACKAGES = ["petalnode.client", "petalnode.codecs", "petalnode.compute", "petalnode.dht", "petalnode.node",
-            "petalnode.rpc", "petalnode.transport", "petalnode.cli"]
+            "petalnode.rpc", "petalnode.transport", "petalnode.cli", "petalnode.monitor"]
 
 
 @pytest.mark.parametrize("name", PACKAGES)

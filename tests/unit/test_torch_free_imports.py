@@ -44,8 +44,11 @@ def heavy_modules_after(code: str) -> list[str]:
         "from petalnode.node import DEFAULT_RECORD_TTL_S, NatOptions, Node, fetch_swarm\n"
         "from petalnode.compute import parse_size\n"
         "import petalnode.cli, petalnode.transport",
+        # The health page a bootstrap serves (--monitor-port): report, probes (the "info" verb), FastAPI, uvicorn.
+        "import petalnode.monitor\nfrom petalnode.monitor import build_app\nfrom petalnode.node import collect_health\n"
+        "from petalnode.cli._monitor import serve_health_page\nbuild_app(None)",
     ],
-    ids=["import", "announce-and-parse", "dht-process", "bootstrap-imports"],
+    ids=["import", "announce-and-parse", "dht-process", "bootstrap-imports", "health-page"],
 )
 def test_dht_and_codec_core_do_not_import_torch(code: str) -> None:
     assert heavy_modules_after(code) == []
