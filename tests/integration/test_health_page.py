@@ -139,6 +139,11 @@ def swarm(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
              "--refresh", "0.5"],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, **env})
+        # A bootstrap of its own with the page, for a model it has no weights of (NAME=BLOCKS): nobody serves it.
+        lone = subprocess.Popen(
+            [sys.executable, "-m", "petalnode.cli", "bootstrap", "--listen", "127.0.0.1:0", "--ready-file",
+             str(work / "lone.ready"), "--monitor-port", "0", "--monitor-model", "elsewhere=3"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for server in swarm.servers:
             server.wait_ready(time.monotonic() + 120)
         try:
@@ -148,12 +153,18 @@ def swarm(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
                 assert time.monotonic() < deadline, "monitor not ready in time"
                 time.sleep(0.05)
             time.sleep(0.05)
+            while not (work / "lone.ready").exists():
+                assert lone.poll() is None, lone.communicate()[1]
+                assert time.monotonic() < deadline, "lone bootstrap not ready in time"
+                time.sleep(0.05)
             yield {"swarm": swarm, "page_server": page_server, "monitor": json.loads(ready.read_text())["monitor"],
-                   "heavy": json.loads(modules.read_text())}
+                   "heavy": json.loads(modules.read_text()),
+                   "lone": json.loads((work / "lone.ready").read_text())["monitor"]}
         finally:
-            monitor.terminate()
-            monitor.communicate(timeout=30)
-    assert monitor.returncode == 0
+            for process in (monitor, lone):
+                process.terminate()
+                process.communicate(timeout=30)
+    assert monitor.returncode == 0 and lone.returncode == 0
 
 
 def two_servers_online(report: dict) -> bool:
@@ -217,6 +228,13 @@ def test_page_in_chromium_shows_the_json_coverage(swarm: dict, tmp_path: Path) -
     colours = cell_colours(shot, 6)
     assert colours == [min(n, len(COVERAGE_COLOURS) - 1) for n in coverage], "cells on screen differ from JSON"
     assert sum(1 for c in colours if c == 0) == sum(b - a for a, b in model["uncovered"]) == 2
+
+
+def test_a_bootstrap_serves_the_page_for_a_model_it_has_no_weights_of(swarm: dict) -> None:
+    report = _health(swarm["lone"])
+    assert [(m["model"], m["num_blocks"], m["servers"]) for m in report["models"]] == [("elsewhere", 3, [])]
+    assert report["models"][0]["headline"] == "broken: blocks 0-2 have no server" and report["healthy"] is False
+    assert _get(swarm["lone"])[0] == 200
 
 
 def test_the_report_follows_a_server_leaving(swarm: dict) -> None:
