@@ -97,3 +97,19 @@ def test_page_has_one_coloured_cell_per_block_and_escapes_announced_text() -> No
     assert coverage_class(7) == "c3" and len(COVERAGE_COLOURS) == 4
     for i, colour in enumerate(COVERAGE_COLOURS):
         assert f".c{i} {{ background: {colour}; }}" in page
+
+
+def test_monitored_models_by_name_and_blocks_or_from_a_local_config(tmp_path) -> None:
+    from petalnode.cli._monitor import model_spec
+    from petalnode.errors import ConfigError, ModelNotFoundError
+
+    assert model_spec("SmolLM2-135M-Instruct=30") == ("SmolLM2-135M-Instruct", 30)
+    with pytest.raises(ConfigError, match="at least one block"):
+        model_spec("m=0")
+    with pytest.raises(ModelNotFoundError):
+        model_spec("no-such-model")
+    model = tmp_path / "tiny"
+    model.mkdir()
+    (model / "config.json").write_text('{"num_hidden_layers": 6}')
+    (model / "model.safetensors").write_bytes(b"")
+    assert model_spec(str(model)) == ("tiny", 6)
