@@ -174,6 +174,10 @@ def two_servers_online(report: dict) -> bool:
 
 def test_health_json_names_the_gap_and_status_json_prints_the_same(swarm: dict, tiny_model_dir: Path) -> None:
     monitor_url, page_url = swarm["monitor"], swarm["page_server"].info["monitor"]
+    # Started first: it spends seconds importing torch while the checks below run (both servers are announced).
+    status = subprocess.Popen([sys.executable, "-m", "petalnode.cli", "status", "--json", "--bootstrap",
+                               swarm["swarm"].bootstrap_address, "--model", str(tiny_model_dir)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     assert swarm["heavy"] == [], "petalnode monitor loaded torch"
     report = _wait_for(monitor_url, two_servers_online, "both servers online")
     model = report["models"][0]
@@ -191,11 +195,9 @@ def test_health_json_names_the_gap_and_status_json_prints_the_same(swarm: dict, 
 
     # The page served by a block server (join --monitor-port) sees the same swarm; so does `status --json`.
     assert _stable(_wait_for(page_url, two_servers_online, "both servers (server's page)")) == _stable(report)
-    status = subprocess.run([sys.executable, "-m", "petalnode.cli", "status", "--json", "--bootstrap",
-                             swarm["swarm"].bootstrap_address, "--model", str(tiny_model_dir)],
-                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-    assert status.returncode == 1, status.stderr  # not servable
-    printed = json.loads(status.stdout)
+    stdout, stderr = status.communicate(timeout=120)
+    assert status.returncode == 1, stderr  # not servable
+    printed = json.loads(stdout)
     assert _stable(printed) == _stable(_health(monitor_url))
     assert all(row["rtt_ms"] is not None for row in printed["models"][0]["servers"])  # it measured too
 
